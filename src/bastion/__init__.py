@@ -1,0 +1,8 @@
+"""Bastion: defend image classifiers against adversarial examples, and test those defenses honestly."""
+
+from .data import Dataset, list_datasets, load_dataset
+from .models import create_model, list_models
+
+__version__ = "0.1.0"
+
+__all__ = ["Dataset", "__version__", "create_model", "list_datasets", "list_models", "load_dataset"]
