@@ -1,0 +1,53 @@
+# Bastion's two-command quick start:  `make demo`  and  `make test`.
+# Both create .venv if missing, install torch and the package, and the Debian data package
+# where apt is available and we are root. Pick another torch build with TORCH=..., e.g.
+#   make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124"
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.bastion-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow setup system-deps bench clean help
+
+help:
+	@echo "make demo       set up, then run the demo on the embedded data (mnist-5k)"
+	@echo "make test       set up, then run the test suite (fast tests; 'make test-slow' for the long ones)"
+	@echo "make bench      install the peer libraries (bench extra) and run benchmarks/"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+setup: $(STAMP) system-deps
+
+# Fashion-MNIST from Debian (full 70,000 images, offline). Without it the tests that need it skip.
+system-deps:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	  || echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will skip"; \
+	else echo "note: Fashion-MNIST not found (sudo apt-get install dataset-fashion-mnist); its tests will skip"; fi
+
+demo: setup
+	$(BIN)/bastion demo
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/attacks.py
+
+clean:
+	rm -rf build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,359 @@
+"""The Trainer: a resumable training loop with a pluggable objective and a run folder.
+
+Run folder layout::
+
+    config.json        the resolved configuration (written once, checked on resume)
+    metrics.jsonl      one JSON line per finished epoch
+    checkpoints/       ckpt-<step>.safetensors + .json (model, optimizer, RNG, loop position)
+    model.safetensors  final weights (+ model.json: architecture and metrics)
+    report.json        what was trained, how long it took, the final numbers
+
+Exact resume: the data order of epoch ``e`` is a permutation drawn from a generator seeded with
+``(seed, e)``, the learning rate is a pure function of the step, and checkpoints carry every RNG
+state, so a run killed at any point (even by SIGKILL, mid-epoch) and resumed from its last
+checkpoint ends with bit-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..._checks import check_choice, check_positive
+from ...checkpoint import atomic_write_json, load_checkpoint, read_checkpoint, save_checkpoint
+from ...data.base import Dataset
+from .objectives import Objective, Standard
+from .schedules import SCHEDULES, make_schedule
+
+log = logging.getLogger("bastion.train")
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+AUGMENTS = ("none", "crop", "crop-flip")
+
+
+class RunExistsError(FileExistsError):
+    """The run folder already holds a run; resume it or choose another folder."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Options of the training loop (the objective has its own).
+
+    Args:
+        epochs: passes over the training set.
+        batch_size: examples per step.
+        optimizer: ``sgd`` (with ``momentum``, ``nesterov``), ``adam`` or ``adamw``.
+        lr: peak learning rate; ``schedule`` shapes it over training (see `make_schedule`).
+        weight_decay: L2 penalty (decoupled for ``adamw``).
+        warmup_epochs: linear warm-up length for ``constant``/``step``/``cosine``.
+        augment: ``none``, ``crop`` (random shifts of up to 2 pixels) or ``crop-flip`` (4-pixel
+            shifts and horizontal flips, for natural images).
+        seed: makes data order, initialization and augmentation reproducible.
+        checkpoint_every: also checkpoint every this many steps inside an epoch (0: only at epoch ends).
+        keep_checkpoints: how many checkpoints to keep on disk.
+        eval_batch_size: batch size of the per-epoch evaluation.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    augment: str = "none"
+    seed: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    eval_batch_size: int = 500
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_positive(self.epochs, "epochs", integer=True)
+        check_positive(self.batch_size, "batch_size", integer=True)
+        check_choice(self.optimizer, "optimizer", OPTIMIZERS)
+        check_positive(self.lr, "lr")
+        check_positive(self.momentum, "momentum", allow_zero=True)
+        check_positive(self.weight_decay, "weight_decay", allow_zero=True)
+        check_choice(self.schedule, "schedule", SCHEDULES)
+        check_positive(self.warmup_epochs, "warmup_epochs", allow_zero=True)
+        check_choice(self.augment, "augment", AUGMENTS)
+        check_positive(self.checkpoint_every, "checkpoint_every", allow_zero=True, integer=True)
+        check_positive(self.keep_checkpoints, "keep_checkpoints", integer=True)
+        check_positive(self.eval_batch_size, "eval_batch_size", integer=True)
+        if not isinstance(self.seed, int):
+            raise TypeError(f"`seed` must be an integer, got {self.seed!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` {name!r} was asked for but CUDA is not available")
+    return dev
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> Tensor:
+    """The data order of one epoch: depends only on (seed, epoch), which makes resume exact."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def augment_batch(x: Tensor, kind: str) -> Tensor:
+    """Random shifts (zero padding) and flips, vectorized over the batch (global torch RNG)."""
+    if kind == "none":
+        return x
+    pad = 2 if kind == "crop" else 4
+    n, c, h, w = x.shape
+    padded = nn.functional.pad(x, (pad, pad, pad, pad))
+    off = torch.randint(0, 2 * pad + 1, (2, n), device=x.device)
+    rows = (off[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (off[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    out = padded[torch.arange(n, device=x.device)[:, None, None, None],
+                 torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    if kind == "crop-flip":
+        flip = torch.rand(n, device=x.device) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Dataset, batch_size: int = 500, device: torch.device | None = None) -> tuple[float, float]:
+    """(clean accuracy, mean cross-entropy) of `model` on `data`, in eval mode."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(data), batch_size):
+        x = data.images[i:i + batch_size].to(device)
+        y = data.labels[i:i + batch_size].to(device)
+        logits = model(x)
+        correct += int((logits.argmax(1) == y).sum())
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+    model.train(was_training)
+    n = max(1, len(data))
+    return correct / n, loss_sum / n
+
+
+def _make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class _LoopState:
+    """Where the loop is: saved in every checkpoint's JSON."""
+
+    epoch: int = 0            # current epoch (0-based)
+    batch: int = 0            # next batch within the epoch
+    step: int = 0             # global optimizer steps done
+    loss_sum: float = 0.0     # running sums of the current epoch
+    correct: int = 0
+    seen: int = 0
+    elapsed: float = 0.0      # training seconds so far (over all sessions)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Train `model` on `train` with an objective, writing a resumable run folder.
+
+    Example:
+        >>> from bastion import load_dataset, create_model
+        >>> tr, te = load_dataset("digits", "train"), load_dataset("digits", "test")
+        >>> m = create_model("cnn-small", tr.num_classes, tr.shape, tr.mean, tr.std)
+        >>> report = Trainer(m, tr, te, TrainConfig(epochs=2), run_dir="runs/digits").fit()
+    """
+
+    def __init__(self, model: nn.Module, train: Dataset, test: Dataset | None = None,
+                 config: TrainConfig | None = None, objective: Objective | None = None, *,
+                 run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+                 extra_config: dict[str, Any] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(train, Dataset):
+            raise TypeError(f"`train` must be a bastion Dataset, got {type(train).__name__}")
+        if len(train) == 0:
+            raise ValueError("`train` is empty")
+        if test is not None and test.shape != train.shape:
+            raise ValueError(f"`test` images have shape {test.shape}, `train` images {train.shape}")
+        self.cfg = config or TrainConfig()
+        self.objective = objective or Standard()
+        self.model, self.train, self.test = model, train, test
+        self.device = resolve_device(self.cfg.device)
+        self.progress = progress
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.resume = resume
+        self.extra_config = extra_config or {}
+        self.steps_per_epoch = math.ceil(len(train) / self.cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * self.cfg.epochs
+
+    # ------------------------------------------------------------------ run folder
+    def full_config(self) -> dict[str, Any]:
+        spec = getattr(self.model, "spec", None)
+        return {"train": asdict(self.cfg), "objective": self.objective.config(),
+                "model": spec.to_dict() if spec is not None else {"name": type(self.model).__name__},
+                "data": {"train": self.train.meta(), "test": self.test.meta() if self.test else None},
+                **self.extra_config}
+
+    def _prepare_run_dir(self) -> None:
+        assert self.run_dir is not None
+        cfg_path = self.run_dir / "config.json"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not cfg_path.exists() and any(self.run_dir.iterdir()):
+                raise RunExistsError(f"run folder {self.run_dir} is not empty and holds no run; "
+                                     "choose an empty or new folder (nothing there is overwritten)")
+            (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+            probe = self.run_dir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except RunExistsError:
+            raise
+        except OSError as e:
+            raise PermissionError(f"run folder `run_dir` {self.run_dir} is not writable: {e.strerror or e}") from e
+        if cfg_path.exists():
+            if not self.resume:
+                raise RunExistsError(f"run folder {self.run_dir} already holds a run (config.json); "
+                                     "resume it (--resume / resume=True) or choose another folder")
+            saved = json.loads(cfg_path.read_text())
+            mine = json.loads(json.dumps(self.full_config()))
+            diffs = [k for k in ("model", "objective", "train") if saved.get(k) != mine.get(k)]
+            if diffs:
+                raise RunExistsError(f"cannot resume {self.run_dir}: its {', '.join(diffs)} configuration differs "
+                                     f"from this one (saved {saved.get(diffs[0])!r}, now {mine.get(diffs[0])!r})")
+        else:
+            atomic_write_json(cfg_path, self.full_config())
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints of this run (JSON written last), oldest first."""
+        if self.run_dir is None:
+            return []
+        return sorted(p.with_suffix("") for p in (self.run_dir / "checkpoints").glob("ckpt-*.json")
+                      if p.with_suffix(".safetensors").exists())
+
+    def _save(self, opt: torch.optim.Optimizer, st: _LoopState) -> None:
+        if self.run_dir is None:
+            return
+        stem = self.run_dir / "checkpoints" / f"ckpt-{st.step:09d}"
+        save_checkpoint(stem, self.model, optimizer=opt, state=asdict(st))
+        for old in self.checkpoints()[:-self.cfg.keep_checkpoints]:
+            old.with_suffix(".json").unlink(missing_ok=True)  # JSON first: the pair is then incomplete
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
+
+    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+        if self.run_dir is None:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        """Train (or resume) to the end; returns the report (also written to report.json)."""
+        cfg = self.cfg
+        if self.run_dir is not None:
+            self._prepare_run_dir()
+        torch.manual_seed(cfg.seed)
+        self.model.to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("`model` has no trainable parameters")
+        opt = _make_optimizer(cfg, params)
+        lr_at = make_schedule(cfg.schedule, cfg.lr, self.total_steps, int(cfg.warmup_epochs * self.steps_per_epoch))
+        st = _LoopState()
+        ckpts = self.checkpoints()
+        if ckpts:
+            _, meta = load_checkpoint(ckpts[-1], self.model, opt, restore_rng=True, map_location=self.device)
+            st = _LoopState(**meta["state"])
+            log.info("resumed %s at epoch %d, batch %d (step %d)", ckpts[-1], st.epoch + 1, st.batch, st.step)
+        elif self.resume and self.run_dir is not None:
+            log.info("no checkpoint in %s yet: starting from scratch", self.run_dir)
+        self._write_metrics(st.history)
+
+        x_all, y_all = self.train.images, self.train.labels
+        while st.epoch < cfg.epochs:
+            perm = epoch_permutation(cfg.seed, st.epoch, len(self.train))
+            bar = tqdm(total=self.steps_per_epoch, initial=st.batch, disable=not self.progress, leave=False,
+                       desc=f"epoch {st.epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True)
+            t0 = time.perf_counter()
+            self.model.train()
+            while st.batch < self.steps_per_epoch:
+                idx = perm[st.batch * cfg.batch_size:(st.batch + 1) * cfg.batch_size]
+                x = augment_batch(x_all[idx].to(self.device, non_blocking=True), cfg.augment)
+                y = y_all[idx].to(self.device, non_blocking=True)
+                lr = lr_at(st.step)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss, logits = self.objective.loss(self.model, x, y)
+                if not torch.isfinite(loss):
+                    last = self.checkpoints()[-1] if self.checkpoints() else None
+                    raise TrainingDiverged(f"loss became {float(loss.detach())} at epoch {st.epoch + 1}, batch {st.batch + 1}; "
+                                           f"training stopped; last good checkpoint: {last or 'none'}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                st.loss_sum += float(loss.detach()) * len(y)
+                st.correct += int((logits.detach().argmax(1) == y).sum())
+                st.seen += len(y)
+                st.batch += 1
+                st.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{st.loss_sum / st.seen:.4f}", acc=f"{st.correct / st.seen:.3f}", lr=f"{lr:.3g}")
+                if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.batch < self.steps_per_epoch:
+                    st.elapsed += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self._save(opt, st)
+            bar.close()
+            st.elapsed += time.perf_counter() - t0
+            row: dict[str, Any] = {"epoch": st.epoch + 1, "step": st.step, "lr": lr_at(max(0, st.step - 1)),
+                                   "train_loss": st.loss_sum / max(1, st.seen),
+                                   "train_acc": st.correct / max(1, st.seen), "time_s": round(st.elapsed, 3)}
+            if self.test is not None:
+                row["test_acc"], row["test_loss"] = accuracy(self.model, self.test, cfg.eval_batch_size, self.device)
+            st.history.append(row)
+            log.info("epoch %d/%d  loss %.4f  train acc %.4f%s", st.epoch + 1, cfg.epochs, row["train_loss"],
+                     row["train_acc"], f"  test acc {row['test_acc']:.4f}" if "test_acc" in row else "")
+            st.epoch, st.batch, st.loss_sum, st.correct, st.seen = st.epoch + 1, 0, 0.0, 0, 0
+            self._write_metrics(st.history)
+            self._save(opt, st)
+        return self._finish(st)
+
+    def _finish(self, st: _LoopState) -> dict[str, Any]:
+        last = st.history[-1] if st.history else {}
+        report = {"kind": "train", "epochs": self.cfg.epochs, "steps": st.step, "train_time_s": round(st.elapsed, 3),
+                  "final": last, "config": self.full_config()}
+        if self.run_dir is not None:
+            spec = getattr(self.model, "spec", None)
+            save_checkpoint(self.run_dir / "model", self.model, spec=spec, with_rng=False,
+                            state={"metrics": last})
+            atomic_write_json(self.run_dir / "report.json", report)
+        self.model.eval()
+        return report
+
+
+def checkpoint_state(stem: str | Path) -> dict[str, Any]:
+    """The loop state saved in a checkpoint (epoch, batch, step, history, ...)."""
+    return read_checkpoint(stem)[1]["state"]

@@ -1,0 +1,272 @@
+"""The Trainer: learning, run folders, exact resume (also after SIGKILL), checkpoints, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bastion.checkpoint import CheckpointError, load_checkpoint, load_model, read_checkpoint, save_checkpoint
+from bastion.data import Dataset, load_dataset
+from bastion.defenses.training import (
+    Objective,
+    RunExistsError,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    create_objective,
+    make_schedule,
+)
+from bastion.models import create_model
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def digits_ds() -> tuple[Dataset, Dataset]:
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+def _model(ds: Dataset, name: str = "mlp", **kw) -> nn.Module:
+    torch.manual_seed(0)
+    return create_model(name, ds.num_classes, ds.shape, ds.mean, ds.std, **kw)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=3, batch_size=64, lr=0.05, schedule="onecycle", seed=3, checkpoint_every=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_standard_training_learns_and_writes_run_folder(digits_ds, tmp_path):
+    tr, te = digits_ds
+    m = _model(tr, "mlp")
+    report = Trainer(m, tr, te, _cfg(epochs=4, batch_size=32), run_dir=tmp_path / "run", progress=False).fit()
+    assert report["final"]["test_acc"] > 0.9
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "report.json", "model.json", "model.safetensors"):
+        assert (run / name).is_file(), name
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["name"] == "mlp" and cfg["train"]["epochs"] == 4
+    # The final model reloads from the run folder alone (architecture from JSON, weights from safetensors).
+    again = load_model(run)
+    x = te.images[:16]
+    assert torch.equal(again(x).argmax(1), m.eval()(x).argmax(1))
+
+
+def test_resume_in_process_is_bit_identical(digits_ds, tmp_path):
+    """Stop after a mid-epoch checkpoint (simulated crash), resume, compare with an uninterrupted run."""
+    tr, te = digits_ds
+    ref = _model(tr)
+    Trainer(ref, tr, te, _cfg(), progress=False).fit()
+
+    class Crash(Objective):
+        name = "crash"
+
+        def __init__(self, at: int) -> None:
+            self.calls, self.at = 0, at
+
+        def loss(self, model, x, y):
+            self.calls += 1
+            if self.calls > self.at:
+                raise KeyboardInterrupt
+            logits = model(x)
+            return nn.functional.cross_entropy(logits, y), logits
+
+        def config(self):
+            return {"name": "standard", "label_smoothing": 0.0}
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_model(tr), tr, te, _cfg(checkpoint_every=7), Crash(at=31), run_dir=run, progress=False).fit()
+    states = [json.loads(p.read_text())["state"] for p in (run / "checkpoints").glob("ckpt-*.json")]
+    assert max(s["step"] for s in states) == 28 and any(s["batch"] != 0 for s in states)  # a mid-epoch checkpoint
+    resumed = _model(tr)
+    Trainer(resumed, tr, te, _cfg(checkpoint_every=7), run_dir=run, resume=True, progress=False).fit()
+    a, b = _weights(ref), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    e = dict(os.environ, PYTHONPATH=str(TESTS), **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "bastion.cli", "-q", *args], env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_sigkill_mid_epoch_is_bit_identical(tmp_path):
+    """The real thing: a separate process killed with SIGKILL mid-epoch, then `--resume`."""
+    common = ["train", "--data", "digits", "--model", "slow_factory:build", "--model-opt", "delay=0.004",
+              "--epochs", "3", "--batch-size", "64", "--lr", "0.05", "--seed", "5", "--no-progress"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    p = _cli(*common, "--out", str(ref))
+    assert p.wait(timeout=120) == 0, p.stderr.read()
+
+    p = _cli(*common, "--out", str(run), "--checkpoint-every", "5")
+    deadline = time.time() + 60
+    killed_state = None
+    while time.time() < deadline and p.poll() is None:
+        for j in (run / "checkpoints").glob("ckpt-*.json") if (run / "checkpoints").exists() else []:
+            try:
+                st = json.loads(j.read_text())["state"]
+            except (json.JSONDecodeError, OSError):
+                continue
+            if st["epoch"] >= 1 and st["batch"] > 0:  # in the middle of the second epoch
+                killed_state = st
+                break
+        if killed_state:
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    p.wait(timeout=30)
+    assert killed_state is not None and p.returncode == -signal.SIGKILL, "the run was not killed mid-epoch"
+    assert not (run / "model.json").exists()
+
+    p = _cli(*common, "--out", str(run), "--checkpoint-every", "5", "--resume")
+    assert p.wait(timeout=120) == 0, p.stderr.read()
+    a, _ = read_checkpoint(ref / "model")
+    b, _ = read_checkpoint(run / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_second_run_into_same_folder_is_refused(digits_ds, tmp_path):
+    tr, te = digits_ds
+    run = tmp_path / "run"
+    Trainer(_model(tr), tr, te, _cfg(epochs=1), run_dir=run, progress=False).fit()
+    before = (run / "model.safetensors").read_bytes()
+    with pytest.raises(RunExistsError, match="already holds a run"):
+        Trainer(_model(tr), tr, te, _cfg(epochs=1), run_dir=run, progress=False).fit()
+    with pytest.raises(RunExistsError, match="configuration differs"):
+        Trainer(_model(tr), tr, te, _cfg(epochs=1, lr=0.01), run_dir=run, resume=True, progress=False).fit()
+    assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_non_empty_folder_and_unwritable_folder(digits_ds, tmp_path):
+    tr, te = digits_ds
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("precious")
+    with pytest.raises(RunExistsError, match="not empty"):
+        Trainer(_model(tr), tr, te, _cfg(epochs=1), run_dir=tmp_path / "busy", progress=False).fit()
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "precious"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="run_dir.*not writable"):
+        Trainer(_model(tr), tr, te, _cfg(epochs=1), run_dir=blocker / "run", progress=False).fit()
+
+
+def test_nan_loss_stops_with_epoch_and_batch_and_keeps_checkpoint(digits_ds, tmp_path):
+    tr, te = digits_ds
+
+    class NaNAt(Objective):
+        name = "nan"
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def loss(self, model, x, y):
+            self.calls += 1
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            return (loss * float("nan") if self.calls == 30 else loss), logits
+
+    run = tmp_path / "run"
+    steps = math.ceil(len(tr) / 64)  # 23 steps per epoch: step 30 is epoch 2, batch 7
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, batch 7.*ckpt-0*23"):
+        Trainer(_model(tr), tr, te, _cfg(), NaNAt(), run_dir=run, progress=False).fit()
+    _, meta = read_checkpoint(run / "checkpoints" / f"ckpt-{steps:09d}")
+    assert meta["state"]["epoch"] == 1
+    assert not (run / "model.json").exists()
+
+
+def test_checkpoint_round_trip_and_architecture_mismatch(digits_ds, tmp_path):
+    tr, _ = digits_ds
+    m = _model(tr)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    loss = m(tr.images[:8]).logsumexp(1).mean()
+    loss.backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c", m, optimizer=opt, state={"note": "hi"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.safetensors"]
+    m2 = _model(tr)
+    opt2 = torch.optim.Adam(m2.parameters(), lr=1e-3)
+    _, meta = load_checkpoint(tmp_path / "c", m2, opt2)
+    assert meta["state"] == {"note": "hi"}
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    s1, s2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
+    assert torch.equal(s1["exp_avg"], s2["exp_avg"]) and float(s1["step"]) == float(s2["step"])
+    other = _model(tr, "cnn-small")
+    with pytest.raises(CheckpointError, match="another architecture"):
+        load_checkpoint(tmp_path / "c", other)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing")
+    (tmp_path / "c.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "c", m2)
+
+
+def test_schedules():
+    total = 100
+    cyc = make_schedule("cyclic", 0.2, total)
+    assert abs(max(cyc(s) for s in range(total)) - 0.2) < 1e-9 and cyc(total - 1) == 0.0
+    cos = make_schedule("cosine", 0.1, total)
+    assert cos(0) == pytest.approx(0.1) and cos(total) == pytest.approx(0.0, abs=1e-12)
+    step = make_schedule("step", 1.0, total)
+    assert (step(0), step(50), step(80)) == (1.0, pytest.approx(0.1), pytest.approx(0.01))
+    one = make_schedule("onecycle", 1.0, total)
+    assert one(0) < one(29) == pytest.approx(1.0) and one(99) < 0.01
+    warm = make_schedule("constant", 1.0, total, warmup_steps=10)
+    assert warm(0) == pytest.approx(0.1) and warm(50) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        make_schedule("linear", 0.1, 10)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"optimizer": "rmsprop"}, "optimizer"),
+    ({"schedule": "exp"}, "schedule"), ({"batch_size": 2.5}, "batch_size"), ({"augment": "mixup"}, "augment"),
+])
+def test_bad_train_config(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        TrainConfig(**kwargs)
+
+
+def test_bad_trainer_arguments(digits_ds):
+    tr, te = digits_ds
+    with pytest.raises(TypeError, match="`train` must be a bastion Dataset"):
+        Trainer(_model(tr), (tr.images, tr.labels), te)  # type: ignore[arg-type]
+    fm = load_dataset("mnist-5k", "test").take(10)
+    with pytest.raises(ValueError, match="`test` images have shape"):
+        Trainer(_model(tr), tr, fm)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        create_objective("standard", label_smoothing=2.0)
+    with pytest.raises(ValueError, match="unknown defense 'madry'.*standard"):
+        create_objective("madry")
+
+
+def test_bad_dataset_values_are_refused():
+    x = torch.rand(4, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"`images` must have values in \[0, 1\]"):
+        Dataset("d", "train", x * 3, torch.zeros(4, dtype=torch.long), ["a", "b"], (0.5,), (0.5,))
+    with pytest.raises(ValueError, match="`images` contains NaN"):
+        Dataset("d", "train", x.masked_fill(x > 0.5, float("nan")), torch.zeros(4, dtype=torch.long), ["a", "b"], (0.5,), (0.5,))
+    with pytest.raises(ValueError, match=r"`labels` must hold class indices in \[0, 1\]"):
+        Dataset("d", "train", x, torch.tensor([0, 1, 2, 0]), ["a", "b"], (0.5,), (0.5,))
+    with pytest.raises(ValueError, match="N×C×H×W"):
+        Dataset("d", "train", x[:, 0], torch.zeros(4, dtype=torch.long), ["a", "b"], (0.5,), (0.5,))
+    with pytest.raises(TypeError, match="floating-point"):
+        Dataset("d", "train", (x * 255).to(torch.uint8), torch.zeros(4, dtype=torch.long), ["a", "b"], (0.5,), (0.5,))
