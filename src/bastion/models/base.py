@@ -124,10 +124,16 @@ def create_model(name: str, num_classes: int, in_shape: Sequence[int],
                      None if std is None else tuple(float(s) for s in std), dict(kwargs))
     prefix, sep, rest = name.partition(":")
     if sep and prefix in ADAPTERS:
-        net = ADAPTERS[prefix](rest, num_classes, shape, **kwargs)
+        try:
+            net = ADAPTERS[prefix](rest, num_classes, shape, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"bad options for model {name!r}: {e}") from e
     elif sep:
         factory = _resolve_factory(name)
-        net = factory(num_classes=num_classes, in_shape=shape, **kwargs)
+        try:
+            net = factory(num_classes=num_classes, in_shape=shape, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"bad options for model {name!r}: {e}") from e
         if not isinstance(net, nn.Module):
             raise TypeError(f"factory {name!r} must return a torch.nn.Module, got {type(net).__name__}")
     else:
