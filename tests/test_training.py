@@ -270,3 +270,53 @@ def test_bad_dataset_values_are_refused():
         Dataset("d", "train", x[:, 0], torch.zeros(4, dtype=torch.long), ["a", "b"], (0.5,), (0.5,))
     with pytest.raises(TypeError, match="floating-point"):
         Dataset("d", "train", (x * 255).to(torch.uint8), torch.zeros(4, dtype=torch.long), ["a", "b"], (0.5,), (0.5,))
+
+
+def test_objective_hooks_replays_stop_and_state(digits_ds, tmp_path):
+    """Replays give m optimizer steps per batch; StopTraining restores and ends; state is checkpointed."""
+    tr, te = digits_ds
+    from bastion.defenses.training import StopTraining
+
+    class Hooked(Objective):
+        name = "hooked"
+
+        def __init__(self) -> None:
+            self.steps = 0
+            self.counter = torch.zeros(1)
+            self.snapshot = None
+
+        @property
+        def replays(self) -> int:
+            return 2
+
+        def loss(self, model, x, y):
+            logits = model(x)
+            return nn.functional.cross_entropy(logits, y), logits
+
+        def after_step(self, model):
+            self.steps += 1
+            self.counter += 1
+
+        def on_epoch_end(self, model, epoch):
+            if epoch == 1:
+                self.snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+                return {"probe": 1.0}
+            raise StopTraining("probe collapsed", restore=self.snapshot)
+
+        def state_dict(self):
+            return {"counter": self.counter}
+
+        def load_state_dict(self, state):
+            self.counter = state["counter"].clone()
+
+    obj = Hooked()
+    m = _model(tr)
+    report = Trainer(m, tr, te, _cfg(epochs=5), obj, run_dir=tmp_path / "run", progress=False).fit()
+    per_epoch = math.ceil(len(tr) / 64)
+    assert obj.steps == 2 * 2 * per_epoch                    # 2 epochs ran, 2 steps per batch
+    assert report["stopped"] == "probe collapsed" and report["epochs"] == 2
+    assert all(torch.equal(v, obj.snapshot[k]) for k, v in m.state_dict().items())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["probe"] == 1.0 and rows[1]["stopped"] == "probe collapsed"
+    tensors, _ = read_checkpoint(sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.json"))[-1])
+    assert float(tensors["extra.objective.counter"]) == obj.steps

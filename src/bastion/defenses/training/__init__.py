@@ -1,9 +1,9 @@
 """Training-time defenses: the resumable `Trainer` and its pluggable objectives."""
 
-from .objectives import OBJECTIVES, Objective, Standard, create_objective, list_objectives
+from .objectives import OBJECTIVES, Objective, Standard, StopTraining, create_objective, list_objectives
 from .schedules import SCHEDULES, make_schedule
 from .trainer import RunExistsError, TrainConfig, Trainer, TrainingDiverged, accuracy, epoch_permutation
 
-__all__ = ["OBJECTIVES", "Objective", "RunExistsError", "SCHEDULES", "Standard", "TrainConfig", "Trainer",
+__all__ = ["OBJECTIVES", "Objective", "RunExistsError", "SCHEDULES", "Standard", "StopTraining", "TrainConfig", "Trainer",
            "TrainingDiverged", "accuracy", "create_objective", "epoch_permutation", "list_objectives",
            "make_schedule"]

@@ -26,10 +26,46 @@ class Objective:
     name: ClassVar[str] = "objective"
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The training loss of one batch and the logits its accuracy is measured on."""
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
+        """JSON-ready options (saved in config.json and checked on resume)."""
         return {"name": self.name, **asdict(self)}
+
+    # Hooks the Trainer calls; the defaults do nothing.
+    @property
+    def replays(self) -> int:
+        """Optimizer steps per minibatch (Free AT replays each batch m times)."""
+        return 1
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after each optimizer step (e.g. to update a carried-over perturbation)."""
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, Any]:
+        """Called after each epoch; returns extra metrics for metrics.jsonl, or raises `StopTraining`."""
+        return {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors the objective carries between steps (saved in checkpoints for exact resume)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what `state_dict` returned."""
+
+
+class StopTraining(Exception):
+    """Raised by an objective's `on_epoch_end` to end training early (e.g. catastrophic overfitting).
+
+    Args:
+        reason: written to the training log and report.json.
+        restore: a model state_dict to restore before finishing (e.g. the last good epoch), or None.
+    """
+
+    def __init__(self, reason: str, restore: dict[str, Tensor] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.restore = restore
 
 
 @OBJECTIVES.register("standard", "Cross-entropy on clean inputs (no defense), optional label smoothing.")

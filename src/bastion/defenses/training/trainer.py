@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..._checks import check_choice, check_positive
 from ...checkpoint import atomic_write_json, load_checkpoint, read_checkpoint, save_checkpoint
 from ...data.base import Dataset
-from .objectives import Objective, Standard
+from .objectives import Objective, Standard, StopTraining
 from .schedules import SCHEDULES, make_schedule
 
 log = logging.getLogger("bastion.train")
@@ -173,6 +173,7 @@ class _LoopState:
     correct: int = 0
     seen: int = 0
     elapsed: float = 0.0      # training seconds so far (over all sessions)
+    stopped: str | None = None  # why training ended early (an objective's StopTraining), if it did
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -257,7 +258,8 @@ class Trainer:
         if self.run_dir is None:
             return
         stem = self.run_dir / "checkpoints" / f"ckpt-{st.step:09d}"
-        save_checkpoint(stem, self.model, optimizer=opt, state=asdict(st))
+        save_checkpoint(stem, self.model, optimizer=opt, state=asdict(st),
+                        extra_tensors={f"objective.{k}": v for k, v in self.objective.state_dict().items()})
         for old in self.checkpoints()[:-self.cfg.keep_checkpoints]:
             old.with_suffix(".json").unlink(missing_ok=True)  # JSON first: the pair is then incomplete
             old.with_suffix(".safetensors").unlink(missing_ok=True)
@@ -288,6 +290,10 @@ class Trainer:
         if ckpts:
             _, meta = load_checkpoint(ckpts[-1], self.model, opt, restore_rng=True, map_location=self.device)
             st = _LoopState(**meta["state"])
+            tensors, _ = read_checkpoint(ckpts[-1])
+            prefix = "extra.objective."
+            self.objective.load_state_dict({k[len(prefix):]: v.to(self.device) for k, v in tensors.items()
+                                            if k.startswith(prefix)})
             log.info("resumed %s at epoch %d, batch %d (step %d)", ckpts[-1], st.epoch + 1, st.batch, st.step)
         elif self.resume and self.run_dir is not None:
             log.info("no checkpoint in %s yet: starting from scratch", self.run_dir)
@@ -307,14 +313,17 @@ class Trainer:
                 lr = lr_at(st.step)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss, logits = self.objective.loss(self.model, x, y)
-                if not torch.isfinite(loss):
-                    last = self.checkpoints()[-1] if self.checkpoints() else None
-                    raise TrainingDiverged(f"loss became {float(loss.detach())} at epoch {st.epoch + 1}, batch {st.batch + 1}; "
-                                           f"training stopped; last good checkpoint: {last or 'none'}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                for _ in range(self.objective.replays):
+                    loss, logits = self.objective.loss(self.model, x, y)
+                    if not torch.isfinite(loss):
+                        last = self.checkpoints()[-1] if self.checkpoints() else None
+                        raise TrainingDiverged(f"loss became {float(loss.detach())} at epoch {st.epoch + 1}, "
+                                               f"batch {st.batch + 1}; training stopped; "
+                                               f"last good checkpoint: {last or 'none'}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    self.objective.after_step(self.model)
                 st.loss_sum += float(loss.detach()) * len(y)
                 st.correct += int((logits.detach().argmax(1) == y).sum())
                 st.seen += len(y)
@@ -333,18 +342,32 @@ class Trainer:
                                    "train_acc": st.correct / max(1, st.seen), "time_s": round(st.elapsed, 3)}
             if self.test is not None:
                 row["test_acc"], row["test_loss"] = accuracy(self.model, self.test, cfg.eval_batch_size, self.device)
+            stop: StopTraining | None = None
+            try:
+                row.update(self.objective.on_epoch_end(self.model, st.epoch + 1))
+            except StopTraining as e:
+                stop = e
+                row["stopped"] = e.reason
             st.history.append(row)
             log.info("epoch %d/%d  loss %.4f  train acc %.4f%s", st.epoch + 1, cfg.epochs, row["train_loss"],
                      row["train_acc"], f"  test acc {row['test_acc']:.4f}" if "test_acc" in row else "")
             st.epoch, st.batch, st.loss_sum, st.correct, st.seen = st.epoch + 1, 0, 0.0, 0, 0
             self._write_metrics(st.history)
+            if stop is not None:
+                log.warning("training stopped after epoch %d: %s", st.epoch, stop.reason)
+                if stop.restore is not None:
+                    self.model.load_state_dict(stop.restore)
+                st.stopped = stop.reason
+                st.epoch = cfg.epochs  # a resumed run must not continue past the stop
+                self._save(opt, st)
+                break
             self._save(opt, st)
         return self._finish(st)
 
     def _finish(self, st: _LoopState) -> dict[str, Any]:
         last = st.history[-1] if st.history else {}
-        report = {"kind": "train", "epochs": self.cfg.epochs, "steps": st.step, "train_time_s": round(st.elapsed, 3),
-                  "final": last, "config": self.full_config()}
+        report = {"kind": "train", "epochs": len(st.history), "steps": st.step, "train_time_s": round(st.elapsed, 3),
+                  "stopped": st.stopped, "final": last, "config": self.full_config()}
         if self.run_dir is not None:
             spec = getattr(self.model, "spec", None)
             save_checkpoint(self.run_dir / "model", self.model, spec=spec, with_rng=False,
