@@ -1,0 +1,111 @@
+"""`Defended`: transforms -> model -> (detector), the thing that gets trained, attacked and reported.
+
+A `Defended` pipeline is an `nn.Module` returning logits, so every attack applies to it as is:
+that is the *naive* attack, straight through the real components (what most papers reported).
+`adaptive_view()` returns the same pipeline as an attacker who knows the defense sees it:
+non-differentiable components are routed through their `bpda` stand-in on the backward pass
+(Athalye et al. 2018). Randomized pipelines must additionally be attacked with EOT
+(`bastion.attacks.adaptive.EOT`); `Defended.randomized` tells the evaluator so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from .transforms.base import straight_through
+
+
+class Defended(nn.Module):
+    """A classifier behind input transformations, with an optional detector and output post-processing.
+
+    Args:
+        transforms: input transformations applied in order (each maps [0,1] images to [0,1] images).
+        model: the classifier (any module returning logits).
+        detector: an optional detector (flags inputs; see `bastion.defenses.detectors`).
+        output: an optional post-processing of the logits (e.g. label-only outputs).
+
+    Example:
+        >>> from bastion.defenses.transforms import create_transform
+        >>> d = Defended([create_transform("jpeg:quality=75")], model)
+        >>> naive = pgd(d, x, y, threat)                      # gradients straight through JPEG
+        >>> adaptive = pgd(d.adaptive_view(), x, y, threat)   # BPDA through JPEG
+    """
+
+    def __init__(self, transforms: Sequence[nn.Module] | nn.Module | None, model: nn.Module,
+                 detector: nn.Module | None = None, output: nn.Module | None = None) -> None:
+        super().__init__()
+        if transforms is None:
+            transforms = []
+        elif isinstance(transforms, nn.Module):
+            transforms = [transforms]
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        self.transforms = nn.ModuleList(list(transforms))
+        self.model = model
+        self.detector = detector
+        self.output = output
+
+    # -- declarations -------------------------------------------------------------------
+    def components(self) -> Iterable[nn.Module]:
+        yield from self.transforms
+        yield self.model
+        if self.output is not None:
+            yield self.output
+
+    @property
+    def differentiable(self) -> bool:
+        """True when autograd through the whole pipeline gives meaningful gradients."""
+        return all(getattr(c, "differentiable", True) for c in self.components())
+
+    @property
+    def randomized(self) -> bool:
+        """True when any component samples randomness in `forward`."""
+        return any(getattr(m, "randomized", False) for m in self.modules() if m is not self)
+
+    def declarations(self) -> list[dict[str, Any]]:
+        """What each component declares (for reports: how the defense was attacked)."""
+        out = []
+        for c in self.components():
+            cfg = c.config() if hasattr(c, "config") and callable(c.config) else {"name": type(c).__name__}
+            out.append({**cfg, "differentiable": bool(getattr(c, "differentiable", True)),
+                        "randomized": bool(getattr(c, "randomized", False))})
+        return out
+
+    # -- forward ------------------------------------------------------------------------
+    def preprocess(self, x: Tensor, adaptive: bool = False) -> Tensor:
+        for t in self.transforms:
+            x = straight_through(t, x) if adaptive else t(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.model(self.preprocess(x))
+        return self.output(logits) if self.output is not None else logits
+
+    def adaptive_view(self) -> "AdaptiveView":
+        """The pipeline as an informed attacker differentiates it (BPDA for non-differentiable parts)."""
+        return AdaptiveView(self)
+
+
+class AdaptiveView(nn.Module):
+    """Forward equals the defended pipeline's real output; backward uses each component's `bpda`.
+
+    Output post-processing (label-only, rounded probabilities) is skipped: an attacker who knows
+    the defense attacks the logits it hides (hiding gradients is not a defense).
+    """
+
+    differentiable = True
+
+    def __init__(self, defended: Defended) -> None:
+        super().__init__()
+        self.defended = defended
+
+    @property
+    def randomized(self) -> bool:
+        return self.defended.randomized
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = self.defended
+        return d.model(d.preprocess(x, adaptive=True))
