@@ -24,9 +24,10 @@ def check_images(x: Any, name: str = "x", *, channels: int | None = None) -> Ten
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"`{name}` must have {channels} channel(s) (N×C×H×W with C={channels}), got shape {tuple(x.shape)}")
     if x.numel():
-        if torch.isnan(x).any():
+        x_ = x.detach()
+        if torch.isnan(x_).any():
             raise ValueError(f"`{name}` contains NaN values")
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = float(x_.min()), float(x_.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"`{name}` must have values in [0, 1] (pixel units), got min {lo:.4g}, max {hi:.4g}")
     return x
