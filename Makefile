@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.bastion-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow setup system-deps bench clean help
+.PHONY: demo test test-slow setup system-deps bench bench-setup clean help
 
 help:
 	@echo "make demo       set up, then run the demo on the embedded data (mnist-5k)"
@@ -45,8 +45,12 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
-bench: setup
+# The peer libraries (torchattacks, ART, foolbox) for side-by-side benchmarks.
+bench-setup: setup
 	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
+
+bench: bench-setup
 	$(BIN)/python benchmarks/attacks.py
 
 clean:
