@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bastion.attacks import ATTACKS, Attack, AttackResult, create_attack, list_attacks
+from bastion.attacks import losses as L
 from bastion.threat import ThreatModel
 
 # Cheap settings per attack for these tests (contract, not strength). Add your attack here if
@@ -270,3 +271,40 @@ def test_bad_hyperparameters_name_the_field(name):
 def test_unknown_attack_lists_the_valid_ones():
     with pytest.raises(KeyError, match="pgd"):
         create_attack("pgdd")
+
+
+# --------------------------------------------------------------------------- losses
+def test_losses_values_and_signs():
+    z = torch.tensor([[3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, 0.5]])
+    y = torch.tensor([0, 0])  # first example correct, second misclassified (pred 1)
+    t = torch.tensor([2, 1])
+    assert torch.allclose(L.ce(z, y), torch.nn.functional.cross_entropy(z, y, reduction="none"))
+    assert torch.allclose(L.ce_targeted(z, y, t), -torch.nn.functional.cross_entropy(z, t, reduction="none"))
+    assert torch.allclose(L.cw(z, y), torch.tensor([-2.0, 2.0]))  # > 0 exactly when misclassified
+    assert torch.allclose(L.cw(z, y, kappa=1.0), torch.tensor([-2.0, 1.0]))
+    assert torch.allclose(L.cw_targeted(z, y, t), torch.tensor([-3.0, 1.0]))  # > 0 exactly at the target
+    # DLR: -(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3)
+    assert torch.allclose(L.dlr(z, y), torch.tensor([-(3.0 - 1.0) / (3.0 - 0.0), -(0.0 - 2.0) / (2.0 - 0.5)]))
+    # targeted DLR: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)
+    assert torch.allclose(L.dlr_targeted(z, y, t), torch.tensor([-(3.0 - 0.0) / (3.0 + 0.5), -(0.0 - 2.0) / (2.0 - 0.25)]))
+
+
+def test_dlr_is_shift_and_scale_invariant():
+    z = torch.randn(20, 10, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(20) % 10
+    t = (y + 3) % 10
+    assert torch.allclose(L.dlr(7.0 * z + 3.0, y), L.dlr(z, y), atol=1e-5)
+    assert torch.allclose(L.dlr_targeted(7.0 * z - 2.0, y, t), L.dlr_targeted(z, y, t), atol=1e-5)
+    assert not torch.allclose(L.ce(7.0 * z, y), L.ce(z, y))  # unlike CE
+
+
+def test_loss_errors():
+    with pytest.raises(ValueError, match="`loss`"):
+        L.get_loss("hinge")
+    with pytest.raises(ValueError, match="3 classes"):
+        L.dlr(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="4 classes"):
+        L.dlr_targeted(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="`targets`"):
+        L.get_loss("ce", targeted=True)(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), None)
+    assert L.get_loss("dlr", targeted=True) is L.dlr_targeted and L.get_loss("cw") is L.cw

@@ -24,10 +24,13 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         importlib.import_module(f"{__name__}.{_info.name}")
 del _info
 
+from .apgd import APGD, APGDT  # noqa: E402
+from .bim import BIM  # noqa: E402
 from .fgm import FGM, FGSM  # noqa: E402
+from .mifgsm import MIFGSM  # noqa: E402
 from .pgd import PGD  # noqa: E402
 
 __all__ = [
-    "ATTACKS", "FGM", "FGSM", "LOSSES", "PGD", "Attack", "AttackResult", "BestTracker", "attack_mode",
-    "create_attack", "get_loss", "is_adversarial", "list_attacks", "logits_and_grad", "register_attack",
+    "APGD", "APGDT", "ATTACKS", "BIM", "FGM", "FGSM", "LOSSES", "MIFGSM", "PGD", "Attack", "AttackResult",
+    "BestTracker", "attack_mode", "create_attack", "get_loss", "is_adversarial", "list_attacks", "logits_and_grad", "register_attack",
 ]
