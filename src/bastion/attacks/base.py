@@ -23,10 +23,10 @@ Subclasses implement only ``_run(model, x, y, threat, targets, rng)`` and return
 
 Minimum-norm attacks (C&W, DeepFool, ...; ``minimum_norm = True``) search for the smallest
 perturbation. They accept ``threat=None`` (unbounded, in their first supported norm) or a
-threat with ``eps = inf``. When given a finite threat, the search still runs unbounded, and
-every example whose perturbation exceeds eps gets back its clean input (and counts as a
-failure unless the clean input is itself misclassified): the budget is enforced, never the
-perturbation rescaled.
+threat with ``eps = inf``. A finite threat is passed to ``_run`` as given (the attack may
+use eps, e.g. to stop early, but need not); afterwards every example whose perturbation
+exceeds eps gets back its clean input and counts as a failure (unless the clean input is
+itself misclassified): the budget is enforced, the perturbation is never rescaled.
 """
 
 from __future__ import annotations
