@@ -91,7 +91,7 @@ def test_bound_relus_refuses_models_it_cannot_fully_bound():
         bound_relus(nn.Sequential(nn.Flatten(), nn.Linear(4, 2), nn.Tanh()))
     model = FunctionalReLU()
     x = torch.rand(2, 1, 4, 4)
-    assert count_functional_relus(model, x) == 2  # the module's and the functional one
+    assert count_functional_relus(model, x) == 1  # the functional one, not the module's
     with pytest.raises(ValueError, match="1 ReLU.*function calls"):
         bound_relus(model, 1.0, copy=False, example=x)
     assert isinstance(model.act, nn.ReLU)  # refused before touching the model
@@ -182,6 +182,14 @@ def test_add_sap_after_every_relu():
     assert torch.equal(model(x), model(x))  # the original is untouched
     with pytest.raises(ValueError, match="no nn.ReLU"):
         add_sap(nn.Linear(3, 2), r=2)
+    # The `example` check runs a forward pass but consumes no randomness.
+    g = torch.Generator().manual_seed(5)
+    checked = add_sap(model, r=3, generator=g, example=x)
+    torch.manual_seed(0)
+    first = checked(x)
+    fresh = add_sap(model, r=3, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    assert torch.equal(first, fresh(x))
 
 
 # ============================================================================================ ensembles

@@ -47,7 +47,7 @@ _FUNCTIONAL_RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tens
 
 
 class _CountReLUCalls(TorchFunctionMode):
-    """Counts the functional ReLU calls of a forward pass (nn.ReLU modules call F.relu too)."""
+    """Counts the functional ReLU calls of a forward pass (including those of nn.ReLU modules)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,20 +61,38 @@ class _CountReLUCalls(TorchFunctionMode):
 
 @torch.no_grad()
 def count_functional_relus(model: nn.Module, example: Tensor) -> int:
-    """How many ReLUs one forward pass of `model` on `example` computes as functions.
+    """How many ReLUs one forward pass of `model` on `example` computes as function calls.
 
-    `nn.ReLU` modules are counted too (they call ``F.relu``); after `bound_relus` has replaced
-    them, what is left are the ReLUs written into some ``forward``. The model runs in eval mode
-    and its mode is restored.
+    Calls made by `nn.ReLU` modules (which call ``F.relu``) are not counted: what is counted
+    are the ReLUs written into some ``forward`` (``F.relu``, ``torch.relu``, ``Tensor.relu``),
+    which `bound_relus` and `add_sap` cannot reach. The model runs in eval mode
+    and its mode is restored, and so are the global RNG and the generators of its SAP layers.
     """
     was_training = model.training
+    # A check must not consume randomness: randomized layers (SAP) would otherwise advance the
+    # global RNG or their own generators, and a later seeded run would differ.
+    gens = {id(m.generator): m.generator for m in model.modules()
+            if isinstance(m, StochasticActivationPruning) and m.generator is not None}
+    saved = {k: g.get_state() for k, g in gens.items()}
+    devices = [example.device] if example.device.type == "cuda" else []
+    # nn.ReLU modules call F.relu once per forward: count those calls to subtract them.
+    module_calls = [0]
+
+    def hook(*_: Any) -> None:
+        module_calls[0] += 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) is nn.ReLU]
     model.eval()
     try:
-        with _CountReLUCalls() as counter:
+        with torch.random.fork_rng(devices=devices), _CountReLUCalls() as counter:
             model(example)
     finally:
         model.train(was_training)
-    return counter.calls
+        for h in handles:
+            h.remove()
+        for k, g in gens.items():
+            g.set_state(saved[k])
+    return counter.calls - module_calls[0]
 
 
 def _replace_relus(model: nn.Module, make: Callable[[nn.ReLU], nn.Module]) -> int:
