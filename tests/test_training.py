@@ -320,3 +320,12 @@ def test_objective_hooks_replays_stop_and_state(digits_ds, tmp_path):
     assert rows[0]["probe"] == 1.0 and rows[1]["stopped"] == "probe collapsed"
     tensors, _ = read_checkpoint(sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.json"))[-1])
     assert float(tensors["extra.objective.counter"]) == obj.steps
+
+
+def test_resume_with_tuple_model_options(digits_ds, tmp_path):
+    """A model option given as a tuple comes back from JSON as a list: resume must still match."""
+    tr, te = digits_ds
+    run = tmp_path / "run"
+    Trainer(_model(tr, hidden=(32,)), tr, te, _cfg(epochs=1), run_dir=run, progress=False).fit()
+    Trainer(_model(tr, hidden=(32,)), tr, te, _cfg(epochs=1), run_dir=run, resume=True, progress=False).fit()
+    load_checkpoint(run / "model", _model(tr, hidden=(32,)))

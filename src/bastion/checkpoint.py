@@ -182,7 +182,8 @@ def load_checkpoint(stem: str | Path, model: nn.Module | None = None,
             raise CheckpointError(f"{stem} has no model spec: pass the model to load it into")
         model = model_from_spec(meta["model"])
     elif "model" in meta and isinstance(model, Classifier) and model.spec is not None:
-        saved, own = meta["model"], model.spec.to_dict()
+        # Compare as JSON sees both (a tuple option comes back from JSON as a list).
+        saved, own = meta["model"], json.loads(json.dumps(model.spec.to_dict(), default=str))
         diff = [k for k in ("name", "num_classes", "in_shape", "kwargs") if saved.get(k) != own.get(k)]
         if diff:
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs model {own.get(k)!r}" for k in diff)

@@ -214,7 +214,8 @@ class Trainer:
     def full_config(self) -> dict[str, Any]:
         spec = getattr(self.model, "spec", None)
         return {"train": asdict(self.cfg), "objective": self.objective.config(),
-                "model": spec.to_dict() if spec is not None else {"name": type(self.model).__name__},
+                "model": (json.loads(json.dumps(spec.to_dict(), default=str)) if spec is not None
+                          else {"name": type(self.model).__name__}),
                 "data": {"train": self.train.meta(), "test": self.test.meta() if self.test else None},
                 **self.extra_config}
 
