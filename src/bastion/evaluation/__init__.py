@@ -1,0 +1,15 @@
+"""Evaluation: robust accuracy under attack suites, reports and pictures.
+
+>>> from bastion.evaluation import evaluate
+>>> report = evaluate(model, data, "linf:8/255", attacks="standard")
+>>> print(report.table())
+>>> report.save("report.json")
+"""
+
+from .evaluate import STATE_SCHEMA, attack_config, evaluate, model_digest, resolve_attacks
+from .grid import save_grid
+from .presets import PRESETS, preset
+from .report import SCHEMA, AttackStats, CurvePoint, Report
+
+__all__ = ["PRESETS", "SCHEMA", "STATE_SCHEMA", "AttackStats", "CurvePoint", "Report", "attack_config", "evaluate",
+           "model_digest", "preset", "resolve_attacks", "save_grid"]
