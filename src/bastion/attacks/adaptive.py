@@ -62,7 +62,8 @@ class _BPDAFunction(torch.autograd.Function):
                              f"input {tuple(x.shape)}, output {tuple(out.shape)}")
         ctx.stand_in = stand_in
         ctx.save_for_backward(x)
-        return out.clone() if out is x else out  # autograd needs a new tensor, not its input
+        # a custom Function must return a new tensor, not its input or a view of it
+        return out.clone() if out is x or out._is_view() else out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
