@@ -2,6 +2,7 @@
 
 from .objectives import OBJECTIVES, Objective, Standard, StopTraining, create_objective, list_objectives
 from .schedules import SCHEDULES, make_schedule
+from . import methods as _methods  # noqa: F401  (registers the adversarial-training defenses)
 from . import methods_extra as _methods_extra  # noqa: F401  (registers the regularization defenses)
 from .trainer import RunExistsError, TrainConfig, Trainer, TrainingDiverged, accuracy, epoch_permutation
 
