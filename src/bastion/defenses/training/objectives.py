@@ -60,12 +60,15 @@ class StopTraining(Exception):
     Args:
         reason: written to the training log and report.json.
         restore: a model state_dict to restore before finishing (e.g. the last good epoch), or None.
+        metrics: the stopped epoch's metrics (written to its metrics.jsonl row).
     """
 
-    def __init__(self, reason: str, restore: dict[str, Tensor] | None = None) -> None:
+    def __init__(self, reason: str, restore: dict[str, Tensor] | None = None,
+                 metrics: dict[str, Any] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.restore = restore
+        self.metrics = metrics or {}
 
 
 @OBJECTIVES.register("standard", "Cross-entropy on clean inputs (no defense), optional label smoothing.")

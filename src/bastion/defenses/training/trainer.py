@@ -348,6 +348,7 @@ class Trainer:
                 row.update(self.objective.on_epoch_end(self.model, st.epoch + 1))
             except StopTraining as e:
                 stop = e
+                row.update(e.metrics)
                 row["stopped"] = e.reason
             st.history.append(row)
             log.info("epoch %d/%d  loss %.4f  train acc %.4f%s", st.epoch + 1, cfg.epochs, row["train_loss"],
