@@ -139,12 +139,16 @@ class Quilting(RandomizedTransform):
         return self.set_database(patches.reshape(len(flat), c * p * p))
 
     @classmethod
-    def from_dataset(cls, name: str, split: str = "train", num_patches: int | None = 100_000, seed: int = 0,
+    def from_dataset(cls, name: str, split: str = "train", num_patches: int | None = 100_000, sample_seed: int = 0,
                      **kwargs: Any) -> "Quilting":
-        """A quilting transform whose database comes from a Bastion dataset (e.g. ``"mnist-5k"``)."""
+        """A quilting transform whose database comes from a Bastion dataset (e.g. ``"mnist-5k"``).
+
+        `sample_seed` seeds the database subsampling (`fit`); `kwargs` go to the constructor
+        (``patch_size``, ``overlap``, ``k``, ``seed``, ...).
+        """
         from ...data import load_dataset
 
-        return cls(**kwargs).fit(load_dataset(name, split).images, num_patches=num_patches, seed=seed)
+        return cls(**kwargs).fit(load_dataset(name, split).images, num_patches=num_patches, seed=sample_seed)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         key = prefix + "database"
