@@ -314,6 +314,13 @@ def test_quilting_database_survives_state_dict_and_checks_inputs(img):
         Quilting(patch_size=0)
 
 
+def test_quilting_from_a_named_dataset():
+    q = Quilting.from_dataset("digits", num_patches=300, sample_seed=1, patch_size=4, overlap=0, k=2, seed=3)
+    assert q.database.shape == (300, 16) and q.seed == 3
+    again = Quilting.from_dataset("digits", num_patches=300, sample_seed=1, patch_size=4, overlap=0, k=2)
+    assert torch.equal(again.database, q.database)  # the subsampling is seeded
+
+
 # ------------------------------------------------------------------------------ BaRT
 @pytest.mark.parametrize("channels", [1, 3])
 def test_bart_draws_k_distinct_groups_per_image(channels):
