@@ -112,3 +112,28 @@ def test_vaccinated_shield_ensemble(digits_model, digits):
     assert any(not torch.equal(a, b) for a, b in zip(before, ens.members[0].parameters()))  # copies trained
     d = shield_defense(ens, qualities=(30, 70), block=4, seed=0)
     assert d.randomized and _acc(d, digits["x_test"][:100], digits["y_test"][:100]) >= 0.8
+
+
+def test_adaptive_view_routes_through_a_non_differentiable_model():
+    """A majority-vote ensemble as the model: the adaptive view must still give gradients (its bpda)."""
+    import torch
+    from torch import nn
+
+    from bastion.defenses.layers import Ensemble
+    from bastion.defenses.pipeline import Defended
+
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Flatten(), nn.Linear(16, 3)) for _ in range(3)]
+    d = Defended([], Ensemble(members, mode="vote"))
+    x = torch.rand(4, 1, 4, 4, requires_grad=True)
+    g_naive = torch.autograd.grad(d(x).sum() + 0 * x.sum(), x, allow_unused=True)[0]
+    y = d.adaptive_view()(x)
+    assert torch.allclose(y.detach(), d(x).detach(), atol=1e-5)
+    g = torch.autograd.grad(y[:, 0].sum(), x)[0]
+    assert (g_naive is None or g_naive.abs().sum() == 0) and g.abs().sum() > 0
+
+
+def test_transform_options_accept_lists():
+    from bastion.defenses.transforms import create_transform
+
+    assert create_transform("shield:qualities=[30,90],block=4").config()["qualities"] == [30, 90]

@@ -108,4 +108,5 @@ class AdaptiveView(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         d = self.defended
-        return d.model(d.preprocess(x, adaptive=True))
+        # The model itself may be non-differentiable (a majority-vote ensemble): BPDA through it too.
+        return straight_through(d.model, d.preprocess(x, adaptive=True))

@@ -89,7 +89,7 @@ def create_transform(spec: str, **kwargs: Any) -> Transform:
     import json
 
     name, _, opts = spec.partition(":")
-    for item in filter(None, (s.strip() for s in opts.split(","))):
+    for item in filter(None, (s.strip() for s in _split_options(opts))):
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"transform option {item!r} in {spec!r} must be key=value")
@@ -102,6 +102,23 @@ def create_transform(spec: str, **kwargs: Any) -> Transform:
         return cls(**kwargs)
     except TypeError as e:
         raise TypeError(f"bad options for transform {name!r}: {e}") from e
+
+
+def _split_options(text: str) -> list[str]:
+    """Split ``a=1,b=[2,3]`` on the commas outside brackets."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
 
 
 def list_transforms() -> list[str]:
