@@ -16,6 +16,7 @@ import torch
 from bastion.attacks import ATTACKS, Attack, AttackResult, create_attack, list_attacks
 from bastion.attacks import losses as L
 from bastion.threat import ThreatModel
+from conftest import _digits
 
 # Cheap settings per attack for these tests (contract, not strength). Add your attack here if
 # its defaults take more than a second or two on 32 digits.
@@ -25,6 +26,12 @@ FAST: dict[str, dict[str, Any]] = {
     "mifgsm": {"steps": 5},
     "apgd": {"steps": 10},
     "apgd-t": {"steps": 10, "n_target_classes": 2},
+    "spsa": {"steps": 20, "nb_sample": 16, "lr": 0.02},
+    "square": {"n_queries": 100},
+    # A fixed seed set (not the attacked batch) makes the substitute independent of the batch, so
+    # batch-then-slice agreement holds; the inner PGD makes its targeted transfer succeed.
+    "substitute": {"rounds": 1, "epochs": 10, "seed_data": _digits()[0][:300],
+                   "attack": "pgd", "attack_kwargs": {"steps": 10, "early_stop": False}},
 }
 
 # Radii per norm on 8×8 digits (64 coordinates): large enough that attacks do something.
