@@ -10,9 +10,9 @@ from torch import nn
 
 
 class SlowMLP(nn.Module):
-    def __init__(self, num_classes: int, in_features: int, delay: float) -> None:
+    def __init__(self, num_classes: int, in_features: int, delay: float, dropout: float = 0.1) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 32), nn.ReLU(), nn.Dropout(0.1),
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 32), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(32, num_classes))
         self.delay = delay
 
@@ -22,6 +22,6 @@ class SlowMLP(nn.Module):
         return self.net(x)
 
 
-def build(num_classes: int, in_shape: tuple[int, int, int], delay: float = 0.01) -> nn.Module:
+def build(num_classes: int, in_shape: tuple[int, int, int], delay: float = 0.01, dropout: float = 0.1) -> nn.Module:
     c, h, w = in_shape
-    return SlowMLP(num_classes, c * h * w, delay)
+    return SlowMLP(num_classes, c * h * w, delay, dropout)

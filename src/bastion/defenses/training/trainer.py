@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..._checks import check_choice, check_positive
+from ... import distributed as D
 from ...checkpoint import atomic_write_json, load_checkpoint, read_checkpoint, save_checkpoint
 from ...data.base import Dataset
 from .objectives import Objective, Standard, StopTraining
@@ -142,13 +143,16 @@ def accuracy(model: nn.Module, data: Dataset, batch_size: int = 500, device: tor
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
-    for i in range(0, len(data), batch_size):
-        x = data.images[i:i + batch_size].to(device)
-        y = data.labels[i:i + batch_size].to(device)
+    idx = D.shard_indices(len(data))  # all of it in one process; this rank's block under torchrun
+    images, labels = data.images[idx], data.labels[idx]
+    for i in range(0, len(idx), batch_size):
+        x = images[i:i + batch_size].to(device)
+        y = labels[i:i + batch_size].to(device)
         logits = model(x)
         correct += int((logits.argmax(1) == y).sum())
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
     model.train(was_training)
+    correct, loss_sum = D.all_reduce_sum([correct, loss_sum], device)
     n = max(1, len(data))
     return correct / n, loss_sum / n
 
@@ -258,15 +262,19 @@ class Trainer:
     def _save(self, opt: torch.optim.Optimizer, st: _LoopState) -> None:
         if self.run_dir is None:
             return
+        if not D.is_main():  # one writer; the others wait so nobody reads a half-written folder
+            D.barrier()
+            return
         stem = self.run_dir / "checkpoints" / f"ckpt-{st.step:09d}"
         save_checkpoint(stem, self.model, optimizer=opt, state=asdict(st),
                         extra_tensors={f"objective.{k}": v for k, v in self.objective.state_dict().items()})
         for old in self.checkpoints()[:-self.cfg.keep_checkpoints]:
             old.with_suffix(".json").unlink(missing_ok=True)  # JSON first: the pair is then incomplete
             old.with_suffix(".safetensors").unlink(missing_ok=True)
+        D.barrier()
 
     def _write_metrics(self, history: list[dict[str, Any]]) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not D.is_main():
             return
         path = self.run_dir / "metrics.jsonl"
         tmp = path.with_name(".metrics.jsonl.tmp")
@@ -277,10 +285,17 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train (or resume) to the end; returns the report (also written to report.json)."""
         cfg = self.cfg
-        if self.run_dir is not None:
+        rank, world_size = D.init_from_env()
+        if world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if world_size > cfg.batch_size:
+            raise ValueError(f"`batch_size` {cfg.batch_size} is smaller than the number of processes {world_size}")
+        if self.run_dir is not None and rank == 0:
             self._prepare_run_dir()
+        D.barrier()
         torch.manual_seed(cfg.seed)
         self.model.to(self.device)
+        D.broadcast_module(self.model)  # every rank starts from rank 0's weights
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("`model` has no trainable parameters")
@@ -303,12 +318,15 @@ class Trainer:
         x_all, y_all = self.train.images, self.train.labels
         while st.epoch < cfg.epochs:
             perm = epoch_permutation(cfg.seed, st.epoch, len(self.train))
-            bar = tqdm(total=self.steps_per_epoch, initial=st.batch, disable=not self.progress, leave=False,
+            bar = tqdm(total=self.steps_per_epoch, initial=st.batch, disable=not self.progress or rank != 0, leave=False,
                        desc=f"epoch {st.epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True)
             t0 = time.perf_counter()
             self.model.train()
             while st.batch < self.steps_per_epoch:
                 idx = perm[st.batch * cfg.batch_size:(st.batch + 1) * cfg.batch_size]
+                share = len(idx)
+                if world_size > 1:  # this rank's part of the global batch
+                    idx = idx.tensor_split(world_size)[rank]
                 x = augment_batch(x_all[idx].to(self.device, non_blocking=True), cfg.augment)
                 y = y_all[idx].to(self.device, non_blocking=True)
                 lr = lr_at(st.step)
@@ -316,18 +334,25 @@ class Trainer:
                     group["lr"] = lr
                 for _ in range(self.objective.replays):
                     loss, logits = self.objective.loss(self.model, x, y)
-                    if not torch.isfinite(loss):
+                    bad = not bool(torch.isfinite(loss))
+                    if world_size > 1:  # every rank must stop together
+                        bad = D.all_reduce_sum([float(bad)], self.device)[0] > 0
+                    if bad:
                         last = self.checkpoints()[-1] if self.checkpoints() else None
                         raise TrainingDiverged(f"loss became {float(loss.detach())} at epoch {st.epoch + 1}, "
                                                f"batch {st.batch + 1}; training stopped; "
                                                f"last good checkpoint: {last or 'none'}")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    D.all_reduce_gradients(params, len(y) / share)
                     opt.step()
                     self.objective.after_step(self.model)
-                st.loss_sum += float(loss.detach()) * len(y)
-                st.correct += int((logits.detach().argmax(1) == y).sum())
-                st.seen += len(y)
+                stats = [float(loss.detach()) * len(y), float((logits.detach().argmax(1) == y).sum()), float(len(y))]
+                if world_size > 1:
+                    stats = D.all_reduce_sum(stats, self.device)
+                st.loss_sum += stats[0]
+                st.correct += int(stats[1])
+                st.seen += int(stats[2])
                 st.batch += 1
                 st.step += 1
                 bar.update(1)
@@ -369,12 +394,14 @@ class Trainer:
     def _finish(self, st: _LoopState) -> dict[str, Any]:
         last = st.history[-1] if st.history else {}
         report = {"kind": "train", "epochs": len(st.history), "steps": st.step, "train_time_s": round(st.elapsed, 3),
+                  "world_size": D.world()[1],
                   "stopped": st.stopped, "final": last, "config": self.full_config()}
-        if self.run_dir is not None:
+        if self.run_dir is not None and D.is_main():
             spec = getattr(self.model, "spec", None)
             save_checkpoint(self.run_dir / "model", self.model, spec=spec, with_rng=False,
                             state={"metrics": last})
             atomic_write_json(self.run_dir / "report.json", report)
+        D.barrier()
         self.model.eval()
         return report
 

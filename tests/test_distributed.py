@@ -1,0 +1,96 @@
+"""Training under torchrun with 2 CPU processes (gloo): same result as one process, one writer,
+and a run started with 2 processes resumes with 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bastion.checkpoint import read_checkpoint
+
+TESTS = Path(__file__).parent
+COMMON = ["train", "--data", "digits", "--model", "slow_factory:build", "--model-opt", "delay=0.002", "--model-opt", "dropout=0",
+          "--epochs", "2", "--batch-size", "64", "--lr", "0.05", "--seed", "2", "--no-progress",
+          "--schedule", "cosine", "--momentum", "0.0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], nproc: int = 1) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(TESTS), OMP_NUM_THREADS="1")
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "bastion.cli", "-q", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "bastion.cli", "-q", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    tensors, _ = read_checkpoint(run / "model")
+    return {k: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "single"
+    p = _run([*COMMON, "--model-opt", "delay=0", "--out", str(out)])
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    return out
+
+
+def test_two_processes_match_one(single, tmp_path):
+    out = tmp_path / "ddp"
+    p = _run([*COMMON, "--model-opt", "delay=0", "--out", str(out)], nproc=2)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    a, b = _weights(single), _weights(out)
+    assert a.keys() == b.keys()
+    for k in a:  # equal up to the floating-point order of the gradient reduction
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]  # written once, by rank 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2
+    ref = json.loads((single / "report.json").read_text())
+    assert abs(report["final"]["test_acc"] - ref["final"]["test_acc"]) < 0.01
+
+
+def test_resume_across_world_sizes(single, tmp_path):
+    """Killed while running with 2 processes, resumed with 1: ends where one process would."""
+    out = tmp_path / "run"
+    p = _run([*COMMON, "--out", str(out), "--checkpoint-every", "4"], nproc=2)
+    deadline, killed = time.time() + 240, False
+    while time.time() < deadline and p.poll() is None:
+        for j in (out / "checkpoints").glob("ckpt-*.json") if (out / "checkpoints").exists() else []:
+            try:
+                st = json.loads(j.read_text())["state"]
+            except (json.JSONDecodeError, OSError):
+                continue
+            if st["epoch"] >= 1 and st["batch"] > 0:
+                os.killpg(p.pid, signal.SIGKILL)
+                killed = True
+                break
+        if killed:
+            break
+        time.sleep(0.01)
+    p.wait(timeout=60)
+    assert killed, "the 2-process run finished before it could be interrupted"
+    q = _run([*COMMON, "--out", str(out), "--checkpoint-every", "4", "--resume"])
+    assert q.wait(timeout=300) == 0, q.stderr.read()
+    a, b = _weights(single), _weights(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
