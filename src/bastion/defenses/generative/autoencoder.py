@@ -131,19 +131,22 @@ class DenoisingAutoencoder(nn.Module):
         return (x - self(x)).abs().pow(p).flatten(1).mean(1)
 
 
-def train_autoencoder(data: Any, epochs: int = 100, *, structure: Any = MNIST_STRUCTURE, noise: float = 0.1,
-                      reg: float = 1e-9, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
+def train_autoencoder(data: Any, epochs: int = 30, *, structure: Any = MNIST_STRUCTURE, noise: float = 0.1,
+                      reg: float = 1e-9, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
                       device: str | torch.device = "cpu", progress: bool = True,
                       save_to: str | Path | None = None, max_examples: int | None = None) -> DenoisingAutoencoder:
     """Train MagNet's denoising autoencoder: MSE(AE(clip(x + noise·N(0, I))), x) + reg·||W||².
 
     Args:
         data: a `Dataset`, a dataset name (its train split) or an N×C×H×W tensor in [0, 1].
-        epochs: passes over the data (the paper: 100).
+        epochs: passes over the data (the paper: 100 over MNIST's 60,000 images; 30 over
+            mnist-5k's 4,000 reaches a reconstruction MSE below 0.01).
         structure: the encoder (see `DenoisingAutoencoder`).
         noise: standard deviation of the Gaussian input noise (the paper's "volume", 0.1).
         reg: L2 penalty on the weights (the paper: 1e-9).
-        batch_size, lr: Adam (the paper: Keras' Adam, batch 256).
+        batch_size, lr: Adam (the paper: Keras' Adam, lr 1e-3, batch 256; smaller batches and a
+            larger step make up for the smaller data sets Bastion trains on: the sigmoid layers
+            learn slowly).
         seed: makes initialization, data order and noise reproducible (global RNG untouched).
         device: where to train.
         progress: progress bar with the running loss.

@@ -111,19 +111,24 @@ def defensegan_project(generator: Generator, x: Tensor, restarts: int = 10, step
 def _descend(generator: Generator, x: Tensor, z0: Tensor, steps: int, lr: float, optimizer: str,
              momentum: float, decay_at: float, decay: float) -> tuple[Tensor, Tensor]:
     """Gradient descent on z for one chunk: (n, L, d) starts -> best z (n, d) and its error (n,)."""
+    with torch.inference_mode(False), torch.enable_grad():  # also inside a caller's no_grad/inference_mode
+        return _descend_impl(generator, x.clone(), z0.clone(), steps, lr, optimizer, momentum, decay_at, decay)
+
+
+def _descend_impl(generator: Generator, x: Tensor, z0: Tensor, steps: int, lr: float, optimizer: str,
+                  momentum: float, decay_at: float, decay: float) -> tuple[Tensor, Tensor]:
     n, restarts, d = z0.shape
     target = x.repeat_interleave(restarts, dim=0)  # (n·L)×C×H×W, restart-minor like z
-    z = z0.reshape(n * restarts, d).clone()
+    z = z0.reshape(n * restarts, d)
     buf = torch.zeros_like(z)
     sq = torch.zeros_like(z)
     decay_step = math.ceil(decay_at * steps)
     beta1, beta2 = 0.9, 0.999
     for t in range(steps):
         lr_t = lr * (decay if t >= decay_step else 1.0)
-        with torch.enable_grad():
-            zt = z.detach().requires_grad_(True)
-            err = (generator(zt) - target).pow(2).flatten(1).mean(1)
-            (grad,) = torch.autograd.grad(err.sum(), zt)
+        zt = z.detach().requires_grad_(True)
+        err = (generator(zt) - target).pow(2).flatten(1).mean(1)
+        (grad,) = torch.autograd.grad(err.sum(), zt)
         with torch.no_grad():
             if optimizer == "momentum":  # v <- m·v + g;  z <- z - lr·v   (TF/PyTorch SGD momentum)
                 buf.mul_(momentum).add_(grad)
