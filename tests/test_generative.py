@@ -241,6 +241,7 @@ def test_defensegan_is_randomized_and_seed_reproduces(digits, gen):
     a, b = t(x), t(x)
     assert not torch.equal(a, b)  # fresh random starts at every call
     assert torch.equal(a, DefenseGAN(gen, restarts=2, steps=5, seed=11)(x))
+    assert torch.equal(a, t.manual_seed(11)(x))
     g = DefenseGAN(gen, restarts=2, steps=5)  # global RNG
     torch.manual_seed(5)
     c = g(x)
@@ -255,13 +256,23 @@ def test_defensegan_is_randomized_and_seed_reproduces(digits, gen):
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
 
 
-def test_defensegan_adaptive_view_passes_gradients(digits, digits_model, gen):
-    """BPDA (identity) through the projection gives a usable input gradient; the naive one is zero."""
-    d = Defended([DefenseGAN(gen, restarts=1, steps=3, seed=0)], digits_model)
+@pytest.mark.parametrize("which", ["defense-gan", "pixeldefend"])
+def test_adaptive_view_passes_gradients_where_the_naive_one_is_zero(digits, digits_model, gen, pcnn, which):
+    """BPDA (identity) through the purifier gives a usable input gradient; straight through it is zero."""
+    t = DefenseGAN(gen, restarts=1, steps=3, seed=0) if which == "defense-gan" else PixelDefend(pcnn, 1 / 16)
+    d = Defended([t], digits_model)
     x = digits["x_test"][:4].clone().requires_grad_(True)
     y = digits["y_test"][:4]
     (g,) = torch.autograd.grad(nn.functional.cross_entropy(d.adaptive_view()(x), y), x)
     assert g.abs().sum() > 0
+    (naive,) = torch.autograd.grad(nn.functional.cross_entropy(d(x), y), x)
+    assert (naive == 0).all()
+    assert not d.differentiable and d.randomized == (which == "defense-gan")
+    assert d.declarations()[0]["name"] == which
+
+
+def test_defensegan_declarations(digits, digits_model, gen):
+    d = Defended([DefenseGAN(gen, restarts=1, steps=3, seed=0)], digits_model)
     assert not d.differentiable and d.randomized
     assert {"name": "defense-gan", "differentiable": False, "randomized": True}.items() <= d.declarations()[0].items()
 

