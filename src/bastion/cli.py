@@ -174,7 +174,8 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", choices=("train", "test"), default="test", help="which split to attack (default test)")
     g.add_argument("--data-root", default=None, metavar="DIR", help="folder with the dataset's standard files")
     g.add_argument("--no-download", dest="download", action="store_false", help="never download missing dataset files")
-    g.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="use only the first N images (a warning says when they miss classes)")
+    g.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="use only the first N images (a warning says when they miss classes)")
     g = p.add_argument_group("threat and run")
     g.add_argument("--threat", default=None, metavar="NORM:EPS",
                    help="threat model, e.g. linf:8/255, linf:0.3, l2:0.5 (required)")
@@ -432,7 +433,8 @@ def _eval_model_and_data(args: argparse.Namespace) -> tuple[Any, Any, dict[str, 
             raise FileNotFoundError(f"--model-path {path} not found: give a run folder of `bastion train` "
                                     "or a checkpoint such as RUN/model")
         run_cfg = _run_config(path)
-    name = args.data or ((run_cfg.get("data") or {}).get("test") or (run_cfg.get("data") or {}).get("train") or {}).get("name")
+    trained_on = run_cfg.get("data") or {}
+    name = args.data or (trained_on.get("test") or trained_on.get("train") or {}).get("name")
     if not name:
         raise ValueError("--data is required (the model's run folder does not say which dataset it was trained on)")
     data = load_dataset(name, args.split, args.data_root, args.download).take(args.limit)

@@ -396,7 +396,8 @@ def evaluate(model: nn.Module, data: Any, threat: ThreatModel | str, attacks: An
             order. Attacks that do not support the threat's norm are skipped with a note.
             (Default: "standard", AutoAttack's suite)
         epsilons: radii for a security curve (``Report.curve``): the same suite at each eps, in
-            the threat's norm; the main results stay at ``threat.eps``. (Default: None)
+            the threat's norm, each run independently (a curve that rises gets a note); the main
+            results stay at ``threat.eps``, which joins the curve. (Default: None)
         batch_size: examples per batch; memory is bounded by one batch. (Default: 256)
         seed: the i-th attack of the suite runs with seed ``seed + i`` (per-example randomness:
             the result of an example does not depend on its batch). (Default: 0)
