@@ -26,6 +26,8 @@ FAST: dict[str, dict[str, Any]] = {
     "mifgsm": {"steps": 5},
     "apgd": {"steps": 10},
     "apgd-t": {"steps": 10, "n_target_classes": 2},
+    "cw": {"binary_search_steps": 3, "max_iterations": 60, "learning_rate": 0.05},
+    "lbfgs": {"binary_search_steps": 3, "max_iterations": 30},
     "spsa": {"steps": 20, "nb_sample": 16, "lr": 0.02},
     "square": {"n_queries": 100},
     # A fixed seed set (not the attacked batch) makes the substitute independent of the batch, so
@@ -155,7 +157,10 @@ def test_batch_then_slice_equals_slice(name, norm, digits_model, batch):
     full, _ = run_cached(name, norm, digits_model, x, y)
     part = make(name)(digits_model, x[5:13], y[5:13], threat_for(name, norm), seed=0)
     assert torch.equal(full.success[5:13], part.success)
-    assert torch.allclose(full.x_adv[5:13], part.x_adv, atol=1e-5)
+    # Quasi-Newton solvers (L-BFGS) amplify the last-bit differences between a batched and a
+    # sliced matmul over their iterations; the decisions above must agree exactly regardless.
+    atol = 1e-4 if name == "lbfgs" else 1e-5
+    assert torch.allclose(full.x_adv[5:13], part.x_adv, atol=atol)
 
 
 @pytest.mark.parametrize("name,norm", TARGETED)
