@@ -280,6 +280,7 @@ class DetectionEval:
             raise ValueError(f"`x_adv` must be paired with `x_clean` (same shape), got {tuple(x_adv.shape)} "
                              f"and {tuple(x_clean.shape)}")
         self._check_data(x_clean, "x_clean")
+        self._check_data(x_adv, "x_adv")  # e.g. the adversarial examples a supervised detector was trained on
         model = det.model
         y = y_clean.to(x_clean.device).long()
         pred_clean = _predict(model, x_clean)
