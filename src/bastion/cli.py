@@ -220,7 +220,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     p = sub.add_parser("attack", help="run one attack on a model and save the adversarial examples",
                        description="Attack a trained model (--model-path) on a dataset split with one attack; writes "
-                                   "config.json, adversarial.safetensors (x, x_adv, y, clean_pred, adv_pred, success), "
+                                   "config.json, adversarial.safetensors (x, x_adv, y, clean_pred, adv_pred, success = "
+                                   "adv_pred != y; images misclassified clean are not attacked and keep x_adv = x), "
                                    "report.json and grid.png into --out, and prints the table.")
     p.add_argument("--config", metavar="FILE", help="TOML file of option values (flags override it)")
     _eval_options(p)
@@ -596,7 +597,11 @@ def run_evaluation(args: argparse.Namespace, command: str) -> tuple[Any, Path]:
 
 
 def _save_adversarial(path: Path, ex: dict[str, Any]) -> None:
-    """x, x_adv, y, clean_pred, adv_pred and success (adv_pred ≠ y) as safetensors, atomically."""
+    """x, x_adv, y, clean_pred, adv_pred and success (adv_pred ≠ y) as safetensors, atomically.
+
+    Images the model misclassifies clean are never attacked: their x_adv is x and their
+    success is True (clean_pred tells them apart), as in `AttackResult`.
+    """
     import os
 
     from safetensors.torch import save_file
