@@ -73,7 +73,7 @@ def projected_lbfgs(fg: Objective, z0: Tensor, lo: float, hi: float, *, max_iter
             q -= a.unsqueeze(1) * Y[r, k]
             alphas.append(a)
         q *= gamma[r].unsqueeze(1)
-        for k, a in zip(reversed(order), reversed(alphas)):
+        for k, a in zip(reversed(order), reversed(alphas), strict=True):
             b = rho[r, k] * (Y[r, k] * q).sum(dim=1)
             q += (a - b).unsqueeze(1) * S[r, k]
         dirn = -q * free
