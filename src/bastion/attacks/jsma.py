@@ -100,9 +100,8 @@ class JSMA(Attack):
         with torch.no_grad():
             k = model(x).shape[1]
         untargeted = targets is None
-        if untargeted:
-            # uniform over the K − 1 classes other than y
-            targets = (y + 1 + rng.randint(k - 1, (), tag=("jsma", "target"))) % k
+        # without targets: uniform over the K − 1 classes other than y
+        tgt = targets if targets is not None else (y + 1 + rng.randint(k - 1, (), tag=("jsma", "target"))) % k
         budget = math.floor(self.gamma * d)
         if threat.bounded:
             budget = min(budget, int(threat.eps))
@@ -114,7 +113,7 @@ class JSMA(Attack):
         eye = torch.eye(k, device=x.device, dtype=x.dtype)
         active = torch.arange(n, device=x.device)
         while active.numel():
-            xa, ta = x_adv[active], targets[active]
+            xa, ta = x_adv[active], tgt[active]
             # weights: row 0 picks z_t, row 1 sums the other logits
             et = eye[ta]
             z, g = logit_gradients(model, xa.view(-1, *x.shape[1:]), torch.stack([et, 1.0 - et]))
