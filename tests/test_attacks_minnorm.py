@@ -162,10 +162,12 @@ def test_projected_lbfgs_matches_scipy_lbfgsb():
         np.testing.assert_allclose(ours[i].numpy(), ref.x, atol=1e-5)
 
 
-def test_logit_gradients_match_one_backward_per_row(digits_model, batch):
+@pytest.mark.parametrize("batched", [False, True], ids=["loop", "vmap"])
+def test_logit_gradients_match_one_backward_per_row(batched, digits_model, batch):
     x, _ = batch
     weights = torch.randn(3, x.shape[0], 10, generator=torch.Generator().manual_seed(0))
-    logits, grads = logit_gradients(digits_model, x, weights)
+    logits, grads = logit_gradients(digits_model, x, weights, batched=batched)
+    assert grads.shape == (3, *x.shape)
     for m in range(3):
         xg = x.clone().requires_grad_(True)
         (ref,) = torch.autograd.grad((digits_model(xg) * weights[m]).sum(), [xg])
@@ -195,7 +197,7 @@ def test_logit_gradients_fall_back_when_vmap_cannot(digits_model, batch):
         def forward(self, t: torch.Tensor) -> torch.Tensor:
             return model(_Opaque.apply(t))
 
-    _, grads = logit_gradients(Wrapped(), x, weights)
+    _, grads = logit_gradients(Wrapped(), x, weights, batched=True)
     expected = torch.stack([2 * (weights[m] @ model[1].weight).view_as(x) for m in range(2)])
     torch.testing.assert_close(grads, expected.detach())
 
