@@ -90,8 +90,9 @@ class PixelDefend(Transform):
 
     Args:
         model: a trained `PixelCNN` or the stem of its checkpoint.
-        eps_defend: the purifier's L∞ budget in pixel units, in [0, 1] (paper: 16/255 for
-            Fashion-MNIST and CIFAR-10; ideally the attack's eps).
+        eps_defend: the purifier's L∞ budget in pixel units, in [0, 1] (default 16/255, the
+            paper's CIFAR-10 value; the paper's advice is eps_defend = the attack's eps when
+            it is known).
         sample: draw from the restricted conditional instead of taking the argmax (then the
             transform is randomized and must be attacked with EOT).
         seed: seed of the draws for ``sample=True`` (a fresh stream per transform; successive
