@@ -13,7 +13,8 @@ def test_list_shows_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for word in ("datasets:", "mnist-5k", "fashion-mnist", "cifar10", "imagefolder", "models:", "cnn-small",
-                 "wide-resnet", "defenses:", "standard"):
+                 "wide-resnet", "defenses:", "standard", "pgd-at", "trades", "attacks:", "apgd", "transforms:", "jpeg",
+                 "bart", "detectors:", "mrr"):
         assert word in out
     assert main(["list", "models", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

@@ -204,7 +204,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = sub.add_parser("list", help="list datasets, models, defenses, attacks",
                        description="List what Bastion's registries hold.")
     p.add_argument("what", nargs="?", default="all",
-                   choices=["all", "datasets", "models", "defenses", "attacks"], help="which registry (default all)")
+                   choices=["all", "datasets", "models", "defenses", "attacks", "transforms", "detectors"],
+                   help="which registry (default all)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     subs["list"] = p
 
@@ -290,12 +291,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .models import MODELS
 
     registries: dict[str, Any] = {"datasets": DATASETS, "models": MODELS, "defenses": OBJECTIVES}
-    try:
-        from .attacks import ATTACKS  # type: ignore[attr-defined]
+    from .attacks import ATTACKS
+    from .defenses.detectors import DETECTORS
+    from .defenses.transforms import TRANSFORMS
 
-        registries["attacks"] = ATTACKS
-    except ImportError:
-        pass
+    registries.update({"attacks": ATTACKS, "transforms": TRANSFORMS, "detectors": DETECTORS})
     chosen = registries if args.what == "all" else {args.what: registries.get(args.what)}
     if args.json:
         print(json.dumps({k: {n: r.summary(n) for n in r.names()} if r else {} for k, r in chosen.items()}, indent=2))
