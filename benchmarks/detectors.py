@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="classifier training epochs (default 10; 5 with --quick)")
     p.add_argument("--n-val", type=int, default=None, help="validation images for thresholds (default 300; 150)")
     p.add_argument("--n-test", type=int, default=None, help="test images (default 500; 150)")
-    p.add_argument("--n-adaptive", type=int, default=None, help="test images attacked by adaptive C&W (default 200; 30)")
+    p.add_argument("--n-adaptive", type=int, default=None,
+                   help="test images attacked by adaptive C&W (default 200; 30)")
     p.add_argument("--lr-examples", type=int, default=500, help="training images kept for kde-bu's regression")
     p.add_argument("--eps", type=float, default=None, help="linf radius of FGSM/BIM (default 0.3; 0.15 with --quick)")
     p.add_argument("--defenders", default=None, help="MRR sizes N for table 2 (default 0,1,2,4,8,16; 0,1,2,4)")
@@ -138,7 +139,7 @@ def detector_specs(quick: bool, eps: float) -> dict[str, str]:
 
 def attack_suite(quick: bool, eps: float) -> dict[str, tuple[Any, Any]]:
     """name -> (attack, threat) for the attacks the registry has (others are reported as missing)."""
-    cw_kw = dict(binary_search_steps=4, max_iterations=100) if quick else dict(binary_search_steps=6, max_iterations=500)
+    cw_kw = cw_settings(quick)
     wanted = {
         "fgsm": (lambda: create_attack("fgsm"), f"linf:{eps}"),
         "jsma": (lambda: create_attack("jsma", gamma=0.1), None),
@@ -155,9 +156,14 @@ def attack_suite(quick: bool, eps: float) -> dict[str, tuple[Any, Any]]:
     return out
 
 
+def cw_settings(quick: bool) -> dict[str, int]:
+    return dict(binary_search_steps=4, max_iterations=100) if quick else dict(binary_search_steps=6, max_iterations=500)
+
+
 def run_attack(attack, model, x, y, threat, seed: int):
     res = [attack(model, x[i:i + 250], y[i:i + 250], threat, seed=seed) for i in range(0, len(y), 250)]
-    return torch.cat([r.x_adv for r in res]), torch.cat([r.success for r in res]), torch.cat([r.norms["l2"] for r in res])
+    cat = torch.cat
+    return cat([r.x_adv for r in res]), cat([r.success for r in res]), cat([r.norms["l2"] for r in res])
 
 
 # --------------------------------------------------------------------------- tables
@@ -185,7 +191,7 @@ def table_auc(args, model, train, x_val, x, y, dets) -> dict[str, Any]:
 def table_mrr(args, model, train, x_val, x, y) -> dict[str, Any]:
     n = args.n_adaptive
     xa, ya = x[:n], y[:n]
-    kw = dict(binary_search_steps=4, max_iterations=100) if args.quick else dict(binary_search_steps=6, max_iterations=500)
+    kw = cw_settings(args.quick)
     plain = DetectorAwareCW(**kw)(model, xa, ya, seed=args.seed)
     ref_l2 = plain.norms["l2"][plain.success]
     log.info("plain C&W on the undefended model: success %.3f, median L2 %.3f", plain.success_rate,
@@ -251,7 +257,8 @@ def markdown(results: dict[str, Any]) -> str:
         out += ["### Adaptive C&W L2 vs MRR", "", "| SP | N | defense success | normalized L2 | FP rate |",
                 "|---|---|---|---|---|"]
         for r in t["rows"]:
-            out.append(f"| {r['SP']:.0%} | {r['N']} | {f(r['defense_success'])} | {f(r['normalized_l2'])} | {f(r['fp_rate'])} |")
+            out.append(f"| {r['SP']:.0%} | {r['N']} | {f(r['defense_success'])} | {f(r['normalized_l2'])} "
+                       f"| {f(r['fp_rate'])} |")
         out.append("")
     if "overhead" in results:
         out += ["### Inference overhead", "", "| | s / image | × model |", "|---|---|---|"]

@@ -214,7 +214,8 @@ def test_bayes_uncertainty_seed_and_created_dropout(setup):
     assert float(bu.scores(x).max()) > 0
     with pytest.raises(ValueError, match="needs a model with dropout"):
         BayesianUncertainty(mode="all").fit(bare, setup["x_fit"][:50], setup["y_fit"][:50])
-    allmode = BayesianUncertainty(mode="all", passes=8, seed=0).fit(setup["model"], setup["x_fit"][:50], setup["y_fit"][:50])
+    allmode = BayesianUncertainty(mode="all", passes=8, seed=0)
+    allmode.fit(setup["model"], setup["x_fit"][:50], setup["y_fit"][:50])
     assert allmode.scores(x).shape == (16,)
     assert not setup["model"].training  # the model's dropout modules were put back
 

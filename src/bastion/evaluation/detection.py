@@ -104,7 +104,8 @@ def system_view(detected: Tensor, correct: Tensor) -> dict[str, float]:
     """
     detected, correct = detected.bool().flatten(), correct.bool().flatten().to(detected.device)
     if detected.shape != correct.shape:
-        raise ValueError(f"`detected` and `correct` must have the same length, got {detected.numel()} and {correct.numel()}")
+        raise ValueError(f"`detected` and `correct` must have the same length, got {detected.numel()} and "
+                         f"{correct.numel()}")
     if detected.numel() == 0:
         return {"defense_success": math.nan, "attack_success": math.nan, "detected": math.nan, "correct": math.nan}
     return {"defense_success": float((detected | correct).float().mean()),
@@ -199,7 +200,8 @@ class DetectionReport:
 
     def summary(self) -> str:
         f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        return (f"{self.detector.get('name')} vs {self.attack if isinstance(self.attack, str) else (self.attack or {}).get('name')}: "
+        attack = self.attack if isinstance(self.attack, str) else (self.attack or {}).get("name")
+        return (f"{self.detector.get('name')} vs {attack}: "
                 f"AUC {f(self.auc)} on {self.n_positive} adversarial / {self.n_clean} clean; at FPR "
                 f"{self.fpr_requested:.3g} (test {self.fpr_test:.3f}) detects {f(self.detection_rate)}; "
                 f"defense success {f(self.defense_success)}, attack success {f(self.attack_success)}")

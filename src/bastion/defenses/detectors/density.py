@@ -35,11 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..._checks import check_images, check_labels
-from .base import (Detector, LayerTap, NotFittedError, check_int, check_number, example_hashes, find_last_linear,
+from .base import (Detector, LayerTap, check_int, check_number, example_hashes, find_last_linear,
                    generate_adversarial, register_detector)
 
 __all__ = ["BANDWIDTHS", "BayesianUncertainty", "KDEBU", "KernelDensity", "mc_dropout_variance"]
@@ -96,7 +95,8 @@ def select_bandwidth(feats: Tensor, labels: Tensor, num_classes: int, *, grid: i
     best, best_ll = nn_dist, -math.inf
     for s in (nn_dist * np.logspace(math.log10(0.05), math.log10(5.0), grid)):
         s = float(s)
-        ll = _class_log_kde(feats[va], ref, ref_y, labels[va], s, log_counts) - 0.5 * dim * math.log(2 * math.pi * s * s)
+        ll = _class_log_kde(feats[va], ref, ref_y, labels[va], s, log_counts) \
+            - 0.5 * dim * math.log(2 * math.pi * s * s)
         m = float(ll.mean())
         if m > best_ll:
             best, best_ll = s, m
@@ -127,7 +127,8 @@ class KernelDensity(Detector):
     differentiable = True
     randomized = False
 
-    def __init__(self, bandwidth: float | str = 1.20, layer: str | None = None, max_per_class: int | None = 2000) -> None:
+    def __init__(self, bandwidth: float | str = 1.20, layer: str | None = None,
+                 max_per_class: int | None = 2000) -> None:
         super().__init__()
         if isinstance(bandwidth, str):
             if bandwidth != "auto" and bandwidth not in BANDWIDTHS:

@@ -110,7 +110,8 @@ class MagNetDetector(Detector):
             raise ValueError(f"the autoencoder takes {self.autoencoder.channels}-channel images, `x_clean` has "
                              f"{x.shape[1]}")
         with torch.no_grad():
-            raw = torch.cat([self.components_raw(x[i:i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)])
+            raw = torch.cat([self.components_raw(x[i:i + self.batch_size])
+                             for i in range(0, x.shape[0], self.batch_size)])
         med = raw.median(0).values.clamp_min(1e-12)
         self.norm = med.to(self.norm.device)
         self.fit_info = {"components": self.components, "median_clean": med.tolist(),

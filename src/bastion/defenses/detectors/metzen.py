@@ -60,7 +60,8 @@ class _MLPDetector(nn.Module):
         return self.net(a.flatten(1)).squeeze(1)
 
 
-@register_detector("metzen", "a detector subnetwork on hidden activations, trained on adversarial examples (Metzen et al. 2017)")
+@register_detector("metzen", "detector subnetwork on hidden activations, trained on adversarial examples "
+                             "(Metzen et al. 2017)")
 class Metzen(Detector):
     """A detector subnetwork on a hidden layer, trained (BCE) on clean vs adversarial activations.
 
@@ -102,7 +103,8 @@ class Metzen(Detector):
         if not isinstance(dynamic, bool):
             raise TypeError(f"`dynamic` must be a bool, got {type(dynamic).__name__}")
         if dynamic and self.threat.norm.value != "linf":
-            raise ValueError(f"`dynamic=True` needs an linf `threat` (the dynamic adversary steps by signs), got {self.threat}")
+            raise ValueError(f"`dynamic=True` needs an linf `threat` (the dynamic adversary steps by signs), "
+                             f"got {self.threat}")
         self.dynamic = dynamic
         if sigma is not None:
             check_number(sigma, "sigma", allow_equal=True)

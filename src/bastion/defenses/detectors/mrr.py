@@ -196,7 +196,8 @@ class MRR(Detector):
             r = s.T @ s / (b - 1)  # (n, n) correlation matrix
             div = r[~torch.eye(n, dtype=torch.bool, device=z.device)].mean()
             loss = loss + self.diversity * div
-        return loss, {"gm": float(gm.detach()), "pull": float(pull.detach()), "push": float(push.detach()), "corr": float(div.detach())}
+        parts = {"gm": gm, "pull": pull, "push": push, "corr": div}
+        return loss, {k: float(v.detach()) for k, v in parts.items()}
 
     # ----------------------------------------------------------------------- fitting
     def _fit(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor | None, **kwargs: Any) -> None:
@@ -293,6 +294,7 @@ class MRR(Detector):
 
     def _log_mahalanobis(self, z: Tensor, cls: Tensor) -> Tensor:
         """log of the squared Mahalanobis distance of z (B, n, d) under class `cls` (B,), (B, n)."""
+        cls = cls.to(self.mu.device)  # index on the buffers' device, then follow z
         mu = self.mu[:, cls].transpose(0, 1).to(z)  # (B, n, d)
         p = self.prec_chol[:, cls].transpose(0, 1).to(z)  # (B, n, d, d)
         w = torch.einsum("bnij,bnj->bni", p, z - mu)
