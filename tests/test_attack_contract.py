@@ -28,6 +28,8 @@ FAST: dict[str, dict[str, Any]] = {
     "apgd-t": {"steps": 10, "n_target_classes": 2},
     "cw": {"binary_search_steps": 3, "max_iterations": 60, "learning_rate": 0.05},
     "lbfgs": {"binary_search_steps": 3, "max_iterations": 30},
+    "detector-cw": {"binary_search_steps": 2, "max_iterations": 20},
+    "detector-pgd": {"steps": 5},
     "spsa": {"steps": 20, "nb_sample": 16, "lr": 0.02},
     "square": {"n_queries": 100},
     # A fixed seed set (not the attacked batch) makes the substitute independent of the batch, so

@@ -6,10 +6,11 @@
 >>> report.save("report.json")
 """
 
+from .detection import DetectionEval, DetectionReport, roc_auc, system_view
 from .evaluate import STATE_SCHEMA, attack_config, evaluate, model_digest, resolve_attacks
 from .grid import save_grid
 from .presets import PRESETS, preset
 from .report import SCHEMA, AttackStats, CurvePoint, Report
 
-__all__ = ["PRESETS", "SCHEMA", "STATE_SCHEMA", "AttackStats", "CurvePoint", "Report", "attack_config", "evaluate",
-           "model_digest", "preset", "resolve_attacks", "save_grid"]
+__all__ = ["DetectionEval", "DetectionReport", "PRESETS", "SCHEMA", "STATE_SCHEMA", "AttackStats", "CurvePoint", "Report", "attack_config", "evaluate",
+           "model_digest", "preset", "resolve_attacks", "roc_auc", "save_grid", "system_view"]
