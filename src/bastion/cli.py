@@ -263,7 +263,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--config", metavar="FILE", help="TOML file of option values (flags override it)")
     p.add_argument("--out", default="runs/demo", metavar="DIR",
                    help="run folder (default runs/demo; an existing one is never overwritten: -2, -3, ... are used)")
-    p.add_argument("--epochs", type=_positive_int, default=8)
+    p.add_argument("--epochs", type=_positive_int, default=6)
     p.add_argument("--eval-limit", type=_nonnegative_int, default=200, metavar="N",
                    help="attack N of the 1,000 test images, evenly spaced so every class is in (default 200, to keep "
                         "the demo within about 3 minutes on 2 CPU cores; 1000 for all; 0 skips the evaluation)")
