@@ -69,6 +69,7 @@ class Timing:
 
     name: str
     samples: list[float] = field(default_factory=list)
+    rounds: list[float | None] = field(default_factory=list)  # per round (None: skipped), for pairing
     warmup_s: float | None = None
     result: Any = None
     error: str | None = None
@@ -87,6 +88,20 @@ class Timing:
     @property
     def best(self) -> float | None:
         return min(self.times) if self.times else None
+
+    def ratio_to(self, ref: "Timing") -> float | None:
+        """This time / `ref`'s time: the median over the rounds both ran of the per-round ratio.
+
+        Pairing by round cancels a load change that spans rounds (on a shared machine the load
+        can double between one round and the next, which a ratio of medians would pass on);
+        without a common round it falls back to the ratio of medians.
+        """
+        pairs = [a / b for a, b in zip(self.rounds, ref.rounds) if a is not None and b]
+        if pairs:
+            return statistics.median(pairs)
+        if self.median is None or not ref.median:
+            return None
+        return self.median / ref.median
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "median_s": self.median, "min_s": self.best, "samples_s": self.samples,
@@ -115,7 +130,7 @@ def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int = 3, *, warmu
     others go on.
 
     Returns:
-        name -> `Timing`, in the order of `fns`.
+        name -> `Timing`, in the order of `fns`; compare two with `Timing.ratio_to` (paired by round).
     """
     out = {name: Timing(name) for name in fns}
     spent = dict.fromkeys(fns, 0.0)
@@ -141,12 +156,15 @@ def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int = 3, *, warmu
             out[name].warmup_s = run(name)
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)] if names else []
+        for name in names:
+            out[name].rounds.append(None)
         for name in order:
             if out[name].error is not None or (budget_s is not None and spent[name] >= budget_s):
                 continue
             dt = run(name)
             if dt is not None:
                 out[name].samples.append(dt)
+                out[name].rounds[r] = dt
     return out
 
 

@@ -27,7 +27,8 @@ Sections (``--only``, comma-separated):
 
 Timing: each competitor runs once as a warm-up, then ``--repeats`` rounds that alternate the
 competitors (order rotated every round) so that a change of machine load hits all of them
-alike; medians are reported, with ratios. A competitor that has used ``--budget`` seconds gets
+alike; times are medians, and a ratio is the median over rounds of the per-round ratio (paired:
+a load change between rounds cancels). A competitor that has used ``--budget`` seconds gets
 no more rounds (its sample count is shown). On a shared, loaded machine the absolute seconds
 mean little; the ratios, measured interleaved, still do.
 
@@ -251,11 +252,10 @@ def section_fgsm(b: Bench) -> dict[str, Any]:
     # torchattacks perturbs every input. Agreement is measured where both attack.
     diff = (ours - theirs).abs().flatten(1).amax(1)
     max_diff = float(diff[correct].max()) if bool(correct.any()) else 0.0
-    base = t["bastion fgsm"].median
     rows = []
     for name, tm in t.items():
         adv = tm.result
-        rows.append({"name": name, **tm.to_dict(), "x_bastion": _ratio(tm.median, base),
+        rows.append({"name": name, **tm.to_dict(), "x_bastion": tm.ratio_to(t["bastion fgsm"]),
                      "robust_accuracy": _acc(model, adv, y) if adv is not None else None})
     return {"rows": rows, "max_abs_diff_on_correct": max_diff,
             "max_abs_diff_all": float(diff.max()) if len(diff) else 0.0,
@@ -303,10 +303,10 @@ def section_pgd(b: Bench, with_eval: bool) -> dict[str, Any]:
     fns["forward only"] = lambda: predict(model, x, batch=x.shape[0])
     timings = b.time(fns, warmup=False)
 
-    hand = timings["hand loop"].median
     rows = []
     for name, tm in timings.items():
-        row = {"name": name, **tm.to_dict(), "x_hand": _ratio(tm.median, hand)}
+        row = {"name": name, **tm.to_dict(), "x_hand": tm.ratio_to(timings["hand loop"]),
+               "x_bastion": tm.ratio_to(timings["bastion pgd"])}
         if name == "bastion evaluate(quick)":
             row["robust_accuracy"] = eval_report.get("robust_accuracy")
         elif name != "forward only" and tm.result is not None:
@@ -332,7 +332,7 @@ def _evaluate_quick(b: Bench, sink: dict[str, Any]) -> Any:
 
 def _eval_summary(ours: Timing, ta: Timing, report: dict[str, Any], ta_acc: float | None) -> dict[str, Any]:
     return {"bastion": {**ours.to_dict(), **report}, "torchattacks": {**ta.to_dict(), "robust_accuracy": ta_acc},
-            "speedup": _ratio(ta.median, ours.median)}
+            "speedup": ta.ratio_to(ours)}
 
 
 def section_eval_alone(b: Bench) -> dict[str, Any]:
@@ -422,10 +422,9 @@ def section_deepfool(b: Bench) -> dict[str, Any]:
 def _minnorm_rows(b: Bench, t: dict[str, Timing], x: Tensor, y: Tensor, ours: str) -> list[dict[str, Any]]:
     """Time, success rate and median L2 over the correctly classified images, per competitor."""
     correct = predict(b.model, x) == y
-    base = t[ours].median
     rows = []
     for name, tm in t.items():
-        row: dict[str, Any] = {"name": name, **tm.to_dict(), "x_bastion": _ratio(tm.median, base)}
+        row: dict[str, Any] = {"name": name, **tm.to_dict(), "x_bastion": tm.ratio_to(t[ours])}
         if tm.result is not None:
             adv = as_tensor(tm.result).to(x.dtype)
             ok = (predict(b.model, adv) != y) & correct
@@ -459,16 +458,12 @@ def section_autoattack(b: Bench) -> dict[str, Any]:
     return {"rows": [{"name": "bastion apgd-ce + apgd-t", **t["bastion apgd-ce + apgd-t"].to_dict(), **sink},
                      {"name": "torchattacks AutoAttack", **ta.to_dict(),
                       "robust_accuracy": _acc(model, ta.result, y) if ta.result is not None else None}],
-            "speedup": _ratio(ta.median, t["bastion apgd-ce + apgd-t"].median)}
+            "speedup": ta.ratio_to(t["bastion apgd-ce + apgd-t"])}
 
 
 # --------------------------------------------------------------------------- formatting
 def _acc(model: nn.Module, adv: Tensor, y: Tensor) -> float:
     return float((predict(model, as_tensor(adv).to(torch.float32)) == y).float().mean())
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
 
 
 def _s(v: float | None, digits: int = 2) -> str:
@@ -502,7 +497,8 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
     out.append(f"Machine: {m['nproc']} cores ({m['cpu']}), torch {m['torch']}, {m['threads']} threads, "
                f"load average at start {m['loadavg_start']}, at end {m.get('loadavg')}. "
                f"Model: {res['model']['name']} (clean accuracy {_pct(res['model']['clean_accuracy'])} on "
-               f"{args.n} images). L∞ eps {args.eps}. Times: median seconds (number of timed runs).")
+               f"{args.n} images). L∞ eps {args.eps}. Times: median seconds (number of timed runs); "
+               "ratios: median of the per-round ratios.")
     if "fgsm" in s:
         f = s["fgsm"]
         out.append("### FGSM\n\n" + _table(
@@ -526,8 +522,9 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
                          _passes(v.get("forwards"), args.n)] if "error" not in v else [k, "error", "", "", "", ""]
                         for k, v in ag.items()]))
         out.append(f"### PGD-{args.steps} with random start: time and robust accuracy (interleaved)\n\n" + _table(
-            ["implementation", "time s", "× hand loop", "robust acc."],
-            [[r["name"], _time(r), _x(r["x_hand"]), _pct(r.get("robust_accuracy"))] for r in p["rows"]])
+            ["implementation", "time s", "× hand loop", "× Bastion", "robust acc."],
+            [[r["name"], _time(r), _x(r["x_hand"]), _x(r["x_bastion"]), _pct(r.get("robust_accuracy"))]
+             for r in p["rows"]])
             + "\n\nBastion's times include what it reports besides x_adv (the prediction on x_adv, success, norms); "
               "the peers return x_adv only. \"forward only\" is one forward pass over the batch without grad.")
         ov = p.get("overhead")
@@ -539,9 +536,9 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
         ours = _row(p, "bastion pgd")
         head.append(["PGD time vs hand loop", "≤ 1.05×", _x(ours.get("x_hand")), _ok(_le(ours.get("x_hand"), 1.05))])
         peers = [r for r in p["rows"] if r["name"] in ("torchattacks PGD", "ART PGD", "foolbox LinfPGD")]
-        fastest = min((r for r in peers if r.get("median_s")), key=lambda r: r["median_s"], default=None)
+        fastest = min((r for r in peers if r.get("x_bastion")), key=lambda r: r["x_bastion"], default=None)
         if fastest is not None:
-            ratio = _ratio(ours.get("median_s"), fastest["median_s"])
+            ratio = _inv(fastest["x_bastion"])
             head.append([f"PGD time vs fastest peer ({fastest['name']})", "≤ 1×", _x(ratio), _ok(_le(ratio, 1.0))])
         for peer in ("torchattacks PGD", "ART PGD"):
             r = _row(p, peer)

@@ -19,13 +19,16 @@ __all__ = ["PGD", "iterate"]
 
 
 def iterate(model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, threat: ThreatModel, x0: Tensor, *,
-            steps: int, step_size: float, loss_fn: LossFn, tracker: BestTracker, idx: Tensor,
-            early_stop: bool = True, decay: float | None = None, l1_fraction: float = 0.05) -> tuple[Tensor, Tensor]:
+            steps: int, step_size: float, loss_fn: LossFn, tracker: BestTracker | None, idx: Tensor,
+            early_stop: bool = True, decay: float | None = None, l1_fraction: float = 0.05,
+            final_eval: bool = True) -> tuple[Tensor, Tensor]:
     """The projected steepest-ascent loop: ``x ← P(x + step_size · direction(∇loss))``, `steps` times.
 
     The functional core of PGD, BIM and MI-FGSM. `x`, `y`, `targets` and the start `x0` are
     the rows `idx` of the full batch whose bookkeeping `tracker` holds; every iterate (x0
-    included) is offered to the tracker.
+    included) is offered to the tracker (None: no bookkeeping, only without ``early_stop``).
+    ``final_eval=False`` skips the forward pass that scores the last iterate (its loss is then
+    -inf): a caller that keeps the last iterate whatever its loss saves one pass.
 
     With ``early_stop`` an example leaves the batch as soon as it is adversarial, so later
     steps cost only what is still unbroken. Without it every example runs all steps (Madry's
@@ -38,6 +41,8 @@ def iterate(model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, thre
         the last iterate (len(idx), ...) and its loss (len(idx),); rows that stopped early keep
         their last iterate (the tracker holds their successful point).
     """
+    if tracker is None and early_stop:
+        raise ValueError("early stopping needs a `tracker`")
     n = x.shape[0]
     local = torch.arange(n, device=x.device)  # rows of this run still being attacked
     x_t = x0.detach()
@@ -47,13 +52,18 @@ def iterate(model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, thre
         tg = None if targets is None else targets[local]
         if t < steps:
             logits, loss, grad = logits_and_grad(model, x_t, y[local], loss_fn, tg)
+        elif not final_eval:
+            last_x[local] = x_t
+            break
         else:  # the last iterate needs its loss and prediction, not a gradient
             with torch.no_grad():
                 logits = model(x_t)
                 loss = loss_fn(logits, y[local], tg)
-        succ = is_adversarial(logits, y[local], tg)
-        tracker.update(idx[local], x_t, loss, succ)
-        last_x[local], last_loss[local] = x_t, loss.to(last_loss.dtype)
+        if t == steps or early_stop or tracker is not None:
+            succ = is_adversarial(logits, y[local], tg)
+            if tracker is not None:
+                tracker.update(idx[local], x_t, loss, succ)
+            last_x[local], last_loss[local] = x_t, loss.to(last_loss.dtype)
         if t == steps:
             break
         if early_stop and bool(succ.any()):
@@ -83,33 +93,59 @@ def run_iterative(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, threat
     (restarts still skip examples whose final iterate already succeeded).
     """
     loss_fn = get_loss(loss, targets is not None)
+    if not early_stop:
+        return _run_fixed(attack, model, x, y, threat, targets, rng, steps=steps, step_size=step_size,
+                          loss_fn=loss_fn, restarts=restarts, random_start=random_start, decay=decay,
+                          l1_fraction=l1_fraction)
     tracker = BestTracker(x)
     everyone = torch.arange(x.shape[0], device=x.device)
     # Iterate "-1" is the clean input: already-adversarial examples are returned unchanged.
     with torch.no_grad():
         logits = model(x)
         tracker.update(everyone, x, loss_fn(logits, y, targets), is_adversarial(logits, y, targets))
+    for r in range(restarts):
+        idx = tracker.active()
+        if idx.numel() == 0:
+            break
+        xs = x[idx]
+        x0 = threat.random_init(xs, rng.subset(idx), tag=(attack.name, "init", r)) if random_start else xs
+        ts = None if targets is None else targets[idx]
+        iterate(model, xs, y[idx], ts, threat, x0, steps=steps, step_size=step_size, loss_fn=loss_fn,
+                tracker=tracker, idx=idx, early_stop=True, decay=decay, l1_fraction=l1_fraction)
+    return tracker.x_best
+
+
+def _run_fixed(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+               targets: Tensor | None, rng: ExampleRNG, *, steps: int, step_size: float, loss_fn: LossFn,
+               restarts: int, random_start: bool, decay: float | None, l1_fraction: float) -> Tensor:
+    """`run_iterative` without early stopping: every step on every example, the final iterate kept.
+
+    No bookkeeping on the way: exactly `steps` forward+backward passes per restart, plus, only
+    when there are several restarts, one forward pass per restart to compare final losses and
+    skip the examples already broken. A single restart costs what a hand-written loop costs.
+    """
     out = x.clone()
     out_loss = torch.full((x.shape[0],), -math.inf, device=x.device, dtype=x.dtype)
     out_succ = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for r in range(restarts):
-        idx = tracker.active() if early_stop else (~out_succ).nonzero().squeeze(1)
+        idx = (~out_succ).nonzero().squeeze(1)
         if idx.numel() == 0:
             break
         xs = x[idx]
         x0 = threat.random_init(xs, rng.subset(idx), tag=(attack.name, "init", r)) if random_start else xs
         ts = None if targets is None else targets[idx]
         last_x, last_loss = iterate(model, xs, y[idx], ts, threat, x0, steps=steps, step_size=step_size,
-                                    loss_fn=loss_fn, tracker=tracker, idx=idx, early_stop=early_stop,
-                                    decay=decay, l1_fraction=l1_fraction)
-        if not early_stop:
-            better = last_loss > out_loss[idx]
-            out[idx[better]] = last_x[better]
-            out_loss[idx[better]] = last_loss[better]
+                                    loss_fn=loss_fn, tracker=None, idx=idx, early_stop=False, decay=decay,
+                                    l1_fraction=l1_fraction, final_eval=restarts > 1)
+        if restarts == 1:
+            return last_x if idx.numel() == x.shape[0] else out.index_copy_(0, idx, last_x)
+        better = last_loss > out_loss[idx]
+        out[idx[better]] = last_x[better]
+        out_loss[idx[better]] = last_loss[better]
+        if r < restarts - 1:
             with torch.no_grad():
-                logits = model(out[idx])
-            out_succ[idx] = is_adversarial(logits, y[idx], ts)
-    return tracker.x_best if early_stop else out
+                out_succ[idx] = is_adversarial(model(out[idx]), y[idx], ts)
+    return out
 
 
 @register_attack("pgd")
