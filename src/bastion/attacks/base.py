@@ -245,9 +245,9 @@ class Attack:
             raise ValueError(f"attack {self.name!r} is untargeted only; `targets` must be None")
 
         with attack_mode(model):
-            with torch.no_grad():
-                clean_logits = model(x)
-            num_classes = _check_logits(clean_logits, n)
+            with torch.no_grad():  # the number of classes, from one example (a whole batch costs a pass)
+                probe = x[:1] if n else x
+                num_classes = _check_logits(model(probe), probe.shape[0])
             check_labels(y, num_classes, n, "y")
             if targets is not None:
                 check_labels(targets, num_classes, n, "targets")

@@ -68,6 +68,39 @@ def _window_mask(top: Tensor, left: Tensor, s: int, h: int, w: int) -> Tensor:
     return (in_r.unsqueeze(2) & in_c.unsqueeze(1)).unsqueeze(1)
 
 
+class _Draws:
+    """The uniforms of every iteration, hashed `chunk` iterations at a time for the whole batch.
+
+    Row i, iteration it of `__call__` is a pure function of (seed, example i, it), as one draw
+    per proposal would be, but one counter-hash call serves `chunk` iterations instead of a few
+    calls per iteration (their fixed cost dominated small batches: Square makes thousands of
+    cheap queries).
+    """
+
+    def __init__(self, rng: ExampleRNG, width: int, chunk: int = 128) -> None:
+        self.rng, self.width, self.chunk = rng, width, chunk
+        self._start, self._u = -1, torch.empty(0)
+
+    def __call__(self, it: int, idx: Tensor) -> Tensor:
+        """(len(idx), width) uniforms in (0, 1) for iteration `it` of the examples `idx`."""
+        start = it - it % self.chunk
+        if start != self._start:
+            # float64 whatever the images' dtype: window positions come from an exact floor
+            self._u = self.rng._uniform64((self.chunk, self.width), ("square", "draws", start // self.chunk))
+            self._start = start
+        return self._u[idx, it - start]
+
+
+def _randint(u: Tensor, high: int) -> Tensor:
+    """Integers uniform in [0, high) from uniforms u in (0, 1)."""
+    return torch.floor(u * high).long().clamp_(max=high - 1)
+
+
+def _signs(u: Tensor, dtype: torch.dtype) -> Tensor:
+    """±1 in `dtype` from uniforms: +1 where u >= 0.5."""
+    return torch.where(u < 0.5, -1.0, 1.0).to(dtype)
+
+
 def _rows(n: int, device: torch.device) -> Tensor:
     return torch.arange(n, device=device).view(n, 1, 1, 1)
 
@@ -190,10 +223,9 @@ class Square(Attack):
         delta[:, :, start:start + hh, start:start + ww] = grid[:, :, :hh, :ww]
         return (x + eps * delta / _l2(delta).clamp_min(1e-12)).clamp(*ThreatModel.box)
 
-    def _propose_linf(self, x: Tensor, x_best: Tensor, eps: float, s: int, rng: ExampleRNG, it: int) -> Tensor:
+    def _propose_linf(self, x: Tensor, x_best: Tensor, eps: float, s: int, u: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        top = rng.randint(h - s + 1, (), tag=("square", "top", it))
-        left = rng.randint(w - s + 1, (), tag=("square", "left", it))
+        top, left = _randint(u[:, 0], h - s + 1), _randint(u[:, 1], w - s + 1)
         mask = _window_mask(top, left, s, h, w)
         cand = x_best
         todo = torch.ones(n, dtype=torch.bool, device=x.device)
@@ -201,7 +233,7 @@ class Square(Attack):
         # times, then take the opposite of the last draw (x + eps·s and x − eps·s always differ
         # after clipping to [0, 1], so that one changes the window).
         for r in range(4):
-            sign = rng.rademacher((c, 1, 1), tag=("square", "sign", it, r))
+            sign = _signs(u[:, 2 + r * c:2 + (r + 1) * c], x.dtype).view(n, c, 1, 1)
             new = torch.where(mask, (x + eps * sign).clamp(*ThreatModel.box), x_best)
             same = ((new - x_best).abs() * mask).flatten(1).amax(dim=1) < 1e-7
             cand = torch.where((todo & ~same).view(n, 1, 1, 1), new, cand)
@@ -211,13 +243,11 @@ class Square(Attack):
         flipped = torch.where(mask, (x - eps * sign).clamp(*ThreatModel.box), x_best)
         return torch.where(todo.view(n, 1, 1, 1), flipped, cand)
 
-    def _propose_l2(self, x: Tensor, x_best: Tensor, eps: float, s: int, rng: ExampleRNG, it: int) -> Tensor:
+    def _propose_l2(self, x: Tensor, x_best: Tensor, eps: float, s: int, u: Tensor) -> Tensor:
         n, c, h, w = x.shape
         delta = x_best - x
-        top = rng.randint(h - s + 1, (), tag=("square", "top", it))
-        left = rng.randint(w - s + 1, (), tag=("square", "left", it))
-        top2 = rng.randint(h - s + 1, (), tag=("square", "top2", it))
-        left2 = rng.randint(w - s + 1, (), tag=("square", "left2", it))
+        top, left = _randint(u[:, 0], h - s + 1), _randint(u[:, 1], w - s + 1)
+        top2, left2 = _randint(u[:, 2], h - s + 1), _randint(u[:, 3], w - s + 1)
         m1 = _window_mask(top, left, s, h, w)
         m12 = m1 | _window_mask(top2, left2, s, h, w)
         norm_img = _l2(delta)
@@ -226,8 +256,8 @@ class Square(Attack):
         norm_w1 = old.flatten(2).norm(dim=2).view(n, c, 1, 1)
         norm_w12 = (delta * m12).flatten(2).norm(dim=2).view(n, c, 1, 1)
         bump = pseudo_gaussian_square(s, x.device, x.dtype)
-        flip = rng.uniform((), tag=("square", "transpose", it)) < 0.5
-        new = torch.where(flip.view(n, 1, 1, 1), bump.t(), bump) * rng.rademacher((c, 1, 1), tag=("square", "sign", it))
+        flip = u[:, 4] < 0.5
+        new = torch.where(flip.view(n, 1, 1, 1), bump.t(), bump) * _signs(u[:, 5:5 + c], x.dtype).view(n, c, 1, 1)
         new = new + old / (norm_w1 + 1e-12)
         # the window takes back all the mass of both windows plus what the budget has left
         budget = ((eps**2 - norm_img**2).clamp_min(0) / c + norm_w12**2).sqrt()
@@ -265,13 +295,14 @@ class Square(Attack):
         x_best[idx], loss_best[idx], done[idx] = x0, lb.to(x.dtype), sb
 
         propose = self._propose_l2 if l2 else self._propose_linf
+        draws = _Draws(rng, 5 + c if l2 else 2 + 4 * c)
         for it in range(self.n_queries - 2):
             idx = (~done).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
             s = self._side(it, h, w, l2)
             xs = x[idx]
-            cand = threat.project(propose(xs, x_best[idx], eps, s, rng.subset(idx), it), xs)
+            cand = threat.project(propose(xs, x_best[idx], eps, s, draws(it, idx)), xs)
             lc, sc = query(cand, idx)
             better = sc | (lc.to(x.dtype) > loss_best[idx])
             take = idx[better]
