@@ -94,3 +94,33 @@ def test_resume_across_world_sizes(single, tmp_path):
     a, b = _weights(single), _weights(out)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+
+
+def _eval_worker(out: Path, nproc: int, state: Path | None = None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    script = [str(TESTS / "dist_eval_worker.py"), str(out), *([str(state)] if state else [])]
+    if nproc == 1:
+        cmd = [sys.executable, *script]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *script]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sharded_evaluate_equals_single_process(tmp_path):
+    """2 gloo processes split the batches; the gathered report has exactly the one-process results."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    p = _eval_worker(one, 1)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    q = _eval_worker(two, 2, tmp_path / "state.jsonl")
+    assert q.wait(timeout=300) == 0, q.stderr.read()
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["n"] == b["n"] == 90
+    assert a["per_example"] == b["per_example"]  # every example's outcome, attack by attack
+    assert a["robust_accuracy"] == b["robust_accuracy"] and a["clean_accuracy"] == b["clean_accuracy"]
+    assert 0.0 < a["clean_accuracy"]  # the comparison is not between two empty reports
+    assert any("sharded over 2 processes" in s for s in b["notes"])
+    # each rank kept its own state file with its own batches (6 batches of 16: 3 each)
+    for r in range(2):
+        lines = (tmp_path / f"state.jsonl.rank{r}-of-2").read_text().splitlines()
+        assert len(lines) == 1 + 3  # header + 3 batch records
