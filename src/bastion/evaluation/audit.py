@@ -1234,5 +1234,6 @@ def audit(defended_or_model: nn.Module, data: Any, threat: ThreatModel | str, *,
                      "model_digest": model_digest(target), "selection": "evenly spaced: index (i·N)//n",
                      "device": str(dev)}
     report.time_s = time.perf_counter() - t0
+    report = AuditReport.from_dict(report.to_dict())  # JSON-normal form: equal to what report.json reads back
     log.info("audit: %s", report.verdict)
     return report
