@@ -117,11 +117,11 @@ class AuditBudget:
     check_n: int = 100
     random_samples: int = 20
     unbounded_steps: int = 20
-    curve: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    curve: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     conv_steps: tuple[int, ...] = (5, 10, 20, 40)
     conv_restarts: int = 4
     hist_examples: int = 10
-    hist_starts: int = 5
+    hist_starts: int = 10
     eot: int = 8
     passes: int = 4
     detector_lams: tuple[float, ...] = (1.0,)
@@ -549,8 +549,8 @@ class _Auditor:
         det = self.plan.detector
         with attack_mode(self.target):
             for _ in range(self.plan.passes):
-                pred = torch.cat([self.target(x[i:i + self.batch_size]).argmax(1)
-                                  for i in range(0, n, self.batch_size)]) if n else y.clone()
+                bs = max(self.batch_size, 1024)  # forward only: larger batches are cheaper per example
+                pred = torch.cat([self.target(x[i:i + bs]).argmax(1) for i in range(0, n, bs)]) if n else y.clone()
                 w = pred != y
                 flagged = det.detect(x).is_adv.to(y.device) if det is not None and n else torch.zeros_like(w)
                 shown = torch.where(w & ~wrong, pred, shown)
@@ -723,27 +723,32 @@ class _Auditor:
         self.square = self._attack("square", "black-box", atk, self.plan.naive, self.sub_ok, self.threat, "checks")
 
     def _random(self) -> None:
-        """`random_samples` uniform points of the ball per example, judged like any attack."""
+        """`random_samples` uniform points of the ball per example, judged like any attack (in large batches)."""
         t0 = time.perf_counter()
         idx = self.sub_ok.to(self.x.device)
+        k = idx.numel()
         x, y = self.x[idx], self.y[idx]
-        win = torch.zeros(idx.numel(), dtype=torch.bool, device=y.device)
+        win = torch.zeros(k, dtype=torch.bool, device=y.device)
         wrong = torch.zeros_like(win)
         pred = y.clone()
         x_keep = x.clone()
-        rng = ExampleRNG(self._seed("random"), x) if idx.numel() else None
-        for j in range(self.b.random_samples if idx.numel() else 0):
-            xr = self.threat.random_init(x, rng, tag=("audit-random", j))
-            w, s, p, _ = self._judge(xr, y)
-            new = s & ~win
-            x_keep[new] = xr[new]
-            pred = torch.where(new, p, pred)
-            win |= s
-            wrong |= w
+        rng = ExampleRNG(self._seed("random"), x) if k else None
+        per_chunk = max(1, 4096 // max(k, 1))  # samples judged together: at most ~4096 rows at a time
+        for j0 in range(0, self.b.random_samples if k else 0, per_chunk):
+            js = range(j0, min(j0 + per_chunk, self.b.random_samples))
+            xr = torch.cat([self.threat.random_init(x, rng, tag=("audit-random", j)) for j in js])
+            w, sw, p, _ = self._judge(xr, y.repeat(len(js)))
+            for t in range(len(js)):
+                rows = slice(t * k, (t + 1) * k)
+                new = sw[rows] & ~win
+                x_keep[new] = xr[rows][new]
+                pred = torch.where(new, p[rows], pred)
+                win |= sw[rows]
+                wrong |= w[rows]
         full_x = self.x.detach().cpu().clone()
         full_x[idx.cpu()] = x_keep.cpu()
         self.random = _Run("random", "random", "random", {"name": "random", "samples": self.b.random_samples},
-                           self.threat.eps, "checks", self._full(idx, torch.ones(idx.numel(), dtype=torch.bool), False),
+                           self.threat.eps, "checks", self._full(idx, torch.ones(k, dtype=torch.bool), False),
                            self._full(idx, win, False), self._full(idx, wrong, False), self._full(idx, pred, -1),
                            full_x, time.perf_counter() - t0)
         self.runs.append(self.random)
@@ -820,6 +825,9 @@ class _Auditor:
             seen.add(eps)
             if mult == 1.0:
                 run = main
+            elif eps > self.threat.eps and self._sub_acc(main.win) == 0.0:
+                points.append((eps, 0.0))  # a larger ball contains the smaller one: nothing left to break
+                continue
             else:
                 _, atk = self._main_attack(view)
                 run = self._attack(f"{self._prefix(view, name)}@{eps:.4g}", view, atk, self._view_model(view),
@@ -835,9 +843,13 @@ class _Auditor:
     def _convergence_steps(self, view: str) -> None:
         name, _ = self._main_attack(view)
         points = []
+        main = self.suite_runs[view].get(name) or self.suite_runs[view]["pgd"]
         for s in sorted(set(self.b.conv_steps)):
             if s == self.b.steps:
-                run = self.suite_runs[view].get(name) or self.suite_runs[view]["pgd"]
+                run = main
+            elif s > self.b.steps and self._sub_acc(main.win) == 0.0:
+                points.append((s, 0.0))  # nothing left to break
+                continue
             else:
                 _, atk = self._main_attack(view, steps=s)
                 run = self._attack(f"{self._prefix(view, name)}-{s}", view, atk, self._view_model(view), self.sub_ok,
@@ -861,34 +873,52 @@ class _Auditor:
         self.conv_restarts = points
 
     def _histogram(self, view: str) -> None:
-        """Madry et al. 2018 (Fig. 1): final losses of PGD from random starts (no early stopping)."""
+        """Madry et al. 2018 (Fig. 1): final losses of PGD from random starts (no early stopping).
+
+        All starts of all examples run as one batch through PGD's loop (`bastion.attacks.pgd.iterate`),
+        each start from its own random point of the ball.
+        """
+        from ..attacks.losses import ce
+        from ..attacks.pgd import iterate
+
         model = self._view_model(view)
         idx = self.sub_ok[:self.b.hist_examples].to(self.x.device)
         self.hist = None
         if idx.numel() == 0:
             return
+        k, starts = idx.numel(), self.b.hist_starts
         x, y = self.x[idx], self.y[idx]
-        losses = torch.zeros(idx.numel(), self.b.hist_starts, dtype=torch.float64)
-        wrong_any = torch.zeros(idx.numel(), self.b.hist_starts, dtype=torch.bool)
         t0 = time.perf_counter()
-        atk = create_attack("pgd", steps=self.b.steps, early_stop=False)
-        win_any = torch.zeros(idx.numel(), dtype=torch.bool, device=y.device)
-        x_keep, pred_keep = x.clone(), y.clone()
-        for s in range(self.b.hist_starts):
-            x_fin = atk(model, x, y, self.threat, seed=self._seed(f"hist{s}")).x_adv
-            with torch.no_grad(), attack_mode(model):
-                losses[:, s] = F.cross_entropy(model(x_fin), y, reduction="none").double().cpu()
-            w, win, pred, _ = self._judge(x_fin, y)
-            wrong_any[:, s] = w.cpu()
-            new = win & ~win_any
-            x_keep[new], pred_keep[new] = x_fin[new], pred[new]
-            win_any |= win
+        rng = ExampleRNG(self._seed("hist"), x)
+        x0 = torch.cat([self.threat.random_init(x, rng, tag=("audit-hist", s)) for s in range(starts)])
+        xr, yr = x.repeat(starts, 1, 1, 1), y.repeat(starts)  # start-major rows: row s·k + i
+        step = 2.5 * self.threat.eps / self.b.steps
+        rows = torch.arange(xr.shape[0], device=xr.device)
+        finals, loss_parts = [], []
+        with attack_mode(model):
+            for c in range(0, xr.shape[0], self.batch_size):
+                sl = slice(c, c + self.batch_size)
+                x_fin, loss_fin = iterate(model, xr[sl], yr[sl], None, self.threat, x0[sl], steps=self.b.steps,
+                                          step_size=step, loss_fn=ce, tracker=None, idx=rows[sl], early_stop=False)
+                finals.append(x_fin)
+                loss_parts.append(loss_fin)
+        x_fin = torch.cat(finals)
+        losses = torch.cat(loss_parts).double().cpu().reshape(starts, k).T  # (examples, starts)
+        w, win, pred, _ = self._judge(x_fin, yr)
+        wrong_any = w.cpu().reshape(starts, k).T
+        win_sk = win.reshape(starts, k)
+        first = torch.where(win_sk.any(0), win_sk.float().argmax(0), torch.zeros(k, dtype=torch.long, device=y.device))
+        pick = first * k + torch.arange(k, device=y.device)
+        win_any = win_sk.any(0)
+        x_keep = torch.where(win_any.view(-1, 1, 1, 1), x_fin[pick], x)
+        pred_keep = torch.where(win_any, pred[pick], y)
         # all starts as one attack of the worst case: broken if any start broke it
         full_x = self.x.detach().cpu().clone()
         full_x[idx.cpu()] = x_keep.cpu()
-        cfg = {**attack_config(atk), "starts": self.b.hist_starts}
-        attacked = self._full(idx, torch.ones(idx.numel(), dtype=torch.bool), False)
-        self.runs.append(_Run(f"{self._prefix(view, 'pgd')}-{self.b.hist_starts}-starts", view, "pgd", cfg,
+        cfg = {"name": "pgd", "steps": self.b.steps, "step_size": step, "loss": "ce", "early_stop": False,
+               "starts": starts}
+        attacked = self._full(idx, torch.ones(k, dtype=torch.bool), False)
+        self.runs.append(_Run(f"{self._prefix(view, 'pgd')}-{starts}-starts", view, "pgd", cfg,
                               self.threat.eps, "checks", attacked, self._full(idx, win_any, False),
                               self._full(idx, wrong_any.any(1), False), self._full(idx, pred_keep, -1), full_x,
                               time.perf_counter() - t0))

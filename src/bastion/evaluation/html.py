@@ -235,7 +235,8 @@ def render_audit(report: "AuditReport") -> str:
                "<th>accuracy</th><th>time</th></tr>")
     for a in r.attacks:
         out.append(f"<tr><td>{_e(a['label'])}</td><td>{_e(a['view'])}</td><td class='num'>{a['eps']:.4g}</td>"
-                   f"<td>{_e(a['scope'])}</td><td class='num'>{a['n_attacked']}</td><td class='num'>{a['n_broken']}</td>"
+                   f"<td>{_e(a['scope'])}</td><td class='num'>{a['n_attacked']}</td>"
+                   f"<td class='num'>{a['n_broken']}</td>"
                    f"<td class='num'>{_pct(a['accuracy'])}</td><td class='num'>{a['time_s']:.1f} s</td></tr>")
     out.append("</table>")
 
