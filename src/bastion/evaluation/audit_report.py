@@ -190,7 +190,8 @@ class AuditReport:
         return cls(**kw)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        # keys keep their order (evidence reads in the order it was written): load -> save is the identity
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> "AuditReport":
