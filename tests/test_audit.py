@@ -172,6 +172,32 @@ def test_checks_fire_on_a_masked_defense(masked_report):
     assert r.adaptive["choices"][0] == "bit-depth: not differentiable → BPDA (identity)"
 
 
+class Quantize(nn.Module):
+    """round(4x)/4 with nothing declared: the audit cannot know to use BPDA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 4) / 4
+
+
+def test_undeclared_masking_is_flagged_on_the_reported_number(digits_model, test_data):
+    """Without declarations the adaptive attack is the naive one; the checks still see the zero gradient and
+    the verdict calls the number an upper bound instead of a robustness claim."""
+    r = audit(nn.Sequential(Quantize(), digits_model), test_data, "linf:0.2", n=60, budget=TINY, progress=False)
+    assert r.adaptive["same_as_naive"]
+    assert {"zero_gradients", "unbounded_attack"} <= warnings_of(r, "adaptive")
+    assert "signs of gradient masking" in r.verdict and "upper bound" in r.verdict
+
+
+@pytest.mark.slow
+def test_standard_budget_on_the_masked_defense(digits_model, test_data):
+    r = audit(Defended([create_transform("bit-depth:bits=1")], digits_model), test_data, "linf:0.2", n=200,
+              budget="standard", progress=False)
+    assert [a["label"] for a in r.attacks][:6] == ["naive:fgsm", "naive:pgd", "naive:apgd", "adaptive:fgsm",
+                                                   "adaptive:pgd", "adaptive:apgd"]
+    assert "adaptive:apgd-t" in [a["label"] for a in r.attacks]
+    assert "relies on obfuscated gradients" in r.verdict and r.convergence["steps"][-1][0] == 200
+
+
 def test_checks_stay_quiet_on_a_normally_trained_model(clean_report):
     r = clean_report
     print("\n" + r.table())

@@ -6,7 +6,7 @@ Schema of ``report.json`` (every accuracy is a fraction of the ``n`` audited exa
     {
       "schema": "bastion-audit/1",
       "threat": "linf:0.1", "n": 200, "budget": "quick",
-      "verdict": "naive 64.0% → adaptive 2.0%: this defense relies on obfuscated gradients ...",
+      "verdict": "naive 87.0% → adaptive 39.0%: this defense relies on obfuscated gradients ...",
       "clean_accuracy": 0.92,              # correct on every pass (one pass unless randomized)
       "clean_accuracy_single_pass": 0.93,  # randomized defenses: mean accuracy of one pass; else null
       "detector_fpr": 0.05 | null,         # clean inputs the detector flags
