@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..._checks import check_positive
-from .base import Transform, register_transform
-from .noise import check_odd_size, zero_grad_output
+from .base import Transform, check_odd_size, register_transform, zero_grad_output
 
 __all__ = ["GaussianBlur", "MedianFilter", "box_blur", "gaussian_blur", "median_filter", "symmetric_pad"]
 
