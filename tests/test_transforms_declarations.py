@@ -64,3 +64,23 @@ def test_an_option_that_removes_the_randomness_is_declared_on_the_instance(name,
     assert Defended([off, on], model).randomized is True
     decl = Defended([off], model).declarations()[0]
     assert decl["randomized"] is False and decl["name"] == name
+
+
+def test_attack_view_adds_eot_only_for_randomized_pipelines(digits_model):
+    from bastion.attacks.adaptive import EOT
+    from bastion.defenses.pipeline import AdaptiveView
+
+    fixed = Defended([create_transform("bit-depth:bits=3")], digits_model)
+    assert isinstance(fixed.attack_view(eot=7), AdaptiveView)
+    noisy = Defended([create_transform("bit-depth:bits=3"), create_transform("gaussian-noise:sigma=0.1")], digits_model)
+    view = noisy.attack_view(eot=7)
+    assert isinstance(view, EOT) and view.n == 7 and isinstance(view.model, AdaptiveView)
+    # the EOT module averages 7 draws of the real pipeline: its logits equal the mean of 7 seeded draws
+    x = _images(3)[:, :, :8, :8]
+    torch.manual_seed(5)
+    z = view(x)
+    torch.manual_seed(5)
+    draws = noisy(x.repeat(7, 1, 1, 1)).reshape(7, 3, -1).mean(0)
+    assert torch.allclose(z, draws, atol=1e-5)
+    with pytest.raises(ValueError, match="`eot` must be an int >= 1"):
+        noisy.attack_view(eot=0)
