@@ -176,6 +176,18 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-download", dest="download", action="store_false", help="never download missing dataset files")
     g.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="use only the first N images (a warning says when they miss classes)")
+    g = p.add_argument_group("defense (input transformations)")
+    g.add_argument("--transform", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                   help="an input transformation in front of the model, repeatable, applied in the order given (e.g. "
+                        "--transform jpeg:quality=75 --transform bit-depth:bits=4; see `bastion list transforms`). The "
+                        "attacks target the adaptive view the transforms declare: BPDA through non-differentiable "
+                        "ones, EOT over --eot draws when one is randomized")
+    g.add_argument("--eot", type=_positive_int, default=10, metavar="N",
+                   help="draws averaged per forward (EOT) when a transform is randomized (default 10); the reported "
+                        "predictions are then those of the mean logits of N draws")
+    g.add_argument("--naive", action="store_true",
+                   help="with --transform: also run the same attacks straight through the real transforms (no BPDA, "
+                        "no EOT), the way many papers did, and report that number beside the adaptive one")
     g = p.add_argument_group("threat and run")
     g.add_argument("--threat", default=None, metavar="NORM:EPS",
                    help="threat model, e.g. linf:8/255, linf:0.3, l2:0.5 (required)")
@@ -475,8 +487,12 @@ def _run_config(run: Path) -> dict[str, Any]:
     return {}
 
 
-def _eval_model_and_data(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
-    """The model to attack, the data to attack it on, and what to record about the model."""
+def _eval_model_and_data(args: argparse.Namespace, transforms: Sequence[Any] = ()) -> tuple[Any, Any, dict[str, Any]]:
+    """The model to attack, the data to attack it on, and what to record about the model.
+
+    With `transforms`, the model's declared input shape is checked against the transformed
+    images (a thermometer encoding multiplies the channels).
+    """
     from .checkpoint import load_model
     from .data import load_dataset
     from .models import create_model
@@ -497,6 +513,7 @@ def _eval_model_and_data(args: argparse.Namespace) -> tuple[Any, Any, dict[str, 
     if not name:
         raise ValueError("--data is required (the model's run folder does not say which dataset it was trained on)")
     data = load_dataset(name, args.split, args.data_root, args.download).take(args.limit)
+    _fit_transforms(transforms, args, name)
     if args.model_path is not None:
         model = load_model(args.model_path)
         info = {"path": str(args.model_path), "trained": True}
@@ -509,9 +526,22 @@ def _eval_model_and_data(args: argparse.Namespace) -> tuple[Any, Any, dict[str, 
     spec = getattr(model, "spec", None)
     if spec is not None:
         info["spec"] = spec.to_dict()
-        if tuple(spec.in_shape) != data.shape or spec.num_classes != data.num_classes:
+        shape = data.shape
+        if transforms:
+            import torch
+
+            with torch.no_grad():  # what the model receives: the images after the transforms
+                probe = data.images[:1]
+                for t in transforms:
+                    probe = t(probe)
+            shape = tuple(probe.shape[1:])
+        if tuple(spec.in_shape) != shape or spec.num_classes != data.num_classes:
+            if shape != data.shape and tuple(spec.in_shape) == data.shape:
+                raise ValueError(f"--transform turns the {data.shape} images into {shape}, but the model takes "
+                                 f"{tuple(spec.in_shape)}: it must be trained on transformed images (e.g. "
+                                 "thermometer-encoded ones)")
             raise ValueError(f"the model takes {tuple(spec.in_shape)} images with {spec.num_classes} classes, but "
-                             f"{data.name} has {data.shape} images with {data.num_classes} classes: wrong --data?")
+                             f"{data.name} has {shape} images with {data.num_classes} classes: wrong --data?")
     from .defenses.training.trainer import resolve_device
 
     model.to(resolve_device(args.device))
@@ -613,8 +643,21 @@ def run_evaluation(args: argparse.Namespace, command: str) -> tuple[Any, Path]:
     threat = ThreatModel.parse(args.threat) if args.threat is not None else None
     suite = _eval_suite(args, command)
     entries = resolve_attacks(suite)  # fail on unknown names before loading anything
-    model, data, model_info = _eval_model_and_data(args)
+    specs = list(getattr(args, "transform", None) or [])
+    transforms = _build_transforms(specs)  # likewise: unknown transforms and options fail here
+    if getattr(args, "naive", False) and not transforms:
+        raise ValueError("--naive compares with the adaptive attack on a defense: it needs at least one --transform")
+    model, data, model_info = _eval_model_and_data(args, transforms)
     assert threat is not None
+    naive_model = None
+    if transforms:
+        defended, model, model_info["defense"] = _defended(transforms, model, specs, args.eot)
+        defended.to(_model_device(model))
+        _probe(defended, data)
+        naive_model = defended if args.naive else None
+        import torch
+
+        torch.manual_seed(args.seed)  # the transforms' draws come from torch's global generator
     model_info["digest"] = model_digest(model)
     out = Path(args.out) if args.out else Path("runs") / f"{command}-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     epsilons = getattr(args, "epsilons", None)
@@ -644,14 +687,114 @@ def run_evaluation(args: argparse.Namespace, command: str) -> tuple[Any, Path]:
     report = evaluate(model, data, threat, suite, epsilons=epsilons, batch_size=args.batch_size, seed=args.seed,
                       state_file=out / "state.jsonl" if command == "evaluate" else None, progress=args.progress,
                       standalone=standalone, keep_examples=keep)
+    defense = model_info.get("defense")
+    if defense is not None:
+        report.notes.insert(0, defense["attacked_as"])
+        report.config["defense"] = defense
     if command == "attack":
         _save_adversarial(out / "adversarial.safetensors", report.examples)
     grid = _save_grid_from(report, data, out / "grid.png", args.grid)
     if grid is None and args.grid > 0:
         report.notes.append("no grid.png: no example in the first batches was classified correctly"
                             if report.examples else "no grid.png: every batch was read back from state.jsonl")
+    if naive_model is not None:
+        log.info("naive: the same attacks straight through the real transforms")
+        naive = evaluate(naive_model, data, threat, suite, epsilons=epsilons, batch_size=args.batch_size,
+                         seed=args.seed, state_file=out / "state-naive.jsonl" if command == "evaluate" else None,
+                         progress=args.progress, standalone=standalone)
+        naive.notes.insert(0, "naive: attacked straight through the real transforms (non-differentiable ones give a "
+                              "zero gradient, randomized ones one draw per step, no EOT): not a robustness claim")
+        naive.config["defense"] = {**defense, "attacked_as": "naive (straight through)"}
+        naive.save(out / "report-naive.json")
+        report.naive = naive  # type: ignore[attr-defined]
+        report.notes.append(_naive_comparison(report, naive))
     report.save(out / "report.json")
     return report, out
+
+
+# ----------------------------------------------------------------------------- --transform
+
+
+def _build_transforms(specs: Sequence[str]) -> list[Any]:
+    """``--transform`` specs -> transform modules, in the order given (errors name the spec)."""
+    if not specs:
+        return []
+    from .defenses.transforms import create_transform
+
+    out = []
+    for spec in specs:
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"--transform expects NAME or NAME:KEY=VALUE,..., got {spec!r}")
+        out.append(create_transform(spec.strip()))
+    return out
+
+
+def _fit_transforms(transforms: Sequence[Any], args: argparse.Namespace, data_name: str) -> None:
+    """Give a transform that needs clean training data (quilting's patch database) the training split."""
+    from .data import load_dataset
+
+    for t in transforms:
+        if getattr(t, "fitted", True) is False and callable(getattr(t, "fit", None)):
+            train = load_dataset(data_name, "train", args.data_root, args.download)
+            log.info("%s: building its database from the %d %s training images", t.name, len(train), data_name)
+            t.fit(train.images)
+
+
+def _probe(defended: Any, data: Any) -> None:
+    """Run the defended pipeline on one image, so a model that cannot take the transformed images
+    fails here, with one clear line, before anything is written."""
+    import torch
+
+    x = data.images[:1].to(_model_device(defended))
+    with torch.no_grad():
+        z = defended.eval().preprocess(x)
+        try:
+            defended.model(z)
+        except RuntimeError as e:
+            raise ValueError(f"the model cannot take the images after --transform (shape {tuple(z.shape[1:])}): "
+                             f"{str(e).splitlines()[0]}") from e
+
+
+def _model_device(model: Any) -> Any:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else "cpu"
+
+
+def _describe(t: Any) -> str:
+    opts = {k: v for k, v in t.config().items() if k != "name"} if callable(getattr(t, "config", None)) else {}
+    return t.name + (f"({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else "")
+
+
+def _defended(transforms: Sequence[Any], model: Any, specs: Sequence[str], eot: int) -> tuple[Any, Any, dict[str, Any]]:
+    """The defended pipeline, the module the attacks target (its adaptive view) and what to record."""
+    from .defenses.pipeline import Defended
+
+    defended = Defended(list(transforms), model)
+    target = defended.attack_view(eot=eot)
+    bpda = [t.name for t in transforms if not getattr(t, "differentiable", True)]
+    if not getattr(model, "differentiable", True):
+        bpda.append("the model")
+    random = list(dict.fromkeys(getattr(m, "name", type(m).__name__) for m in defended.modules()
+                                if m is not defended and getattr(m, "randomized", False) is True))
+    how = ["attacked through the adaptive view of " + " -> ".join([*map(_describe, transforms), "model"])]
+    how.append(f"BPDA on the backward pass of {', '.join(bpda)}" if bpda else "no BPDA needed (all differentiable)")
+    if defended.randomized:
+        how.append(f"EOT over {eot} draws (randomized: {', '.join(random)}): clean and adversarial "
+                   f"predictions are the mean logits of {eot} draws")
+    info = {"transforms": list(specs), "declarations": defended.declarations(), "eot": eot if defended.randomized else None,
+            "attacked_as": "; ".join(how)}
+    return defended, target, info
+
+
+def _naive_comparison(adaptive: Any, naive: Any) -> str:
+    """One line: the adaptive and the naive robust accuracy, and what the gap means."""
+    gap = naive.robust_accuracy - adaptive.robust_accuracy
+    line = (f"robust accuracy {100 * adaptive.robust_accuracy:.2f}% under the adaptive attack vs "
+            f"{100 * naive.robust_accuracy:.2f}% straight through (naive, report-naive.json)")
+    if gap > 0.05:
+        line += (f": the naive attack overstates robustness by {100 * gap:.1f} points (obfuscated gradients, "
+                 "Athalye et al. 2018)")
+    return line
 
 
 def _save_adversarial(path: Path, ex: dict[str, Any]) -> None:
@@ -671,18 +814,31 @@ def _save_adversarial(path: Path, ex: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _print_reports(report: Any) -> None:
+    naive = getattr(report, "naive", None)
+    if naive is not None:
+        print("Naive (straight through the real transforms; not a robustness claim):")
+        print(naive.table())
+        print()
+        print("Adaptive (BPDA / EOT, as the transforms declare):")
+    print(report.table())
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     report, out = run_evaluation(args, "attack")
-    print(report.table())
+    _print_reports(report)
     print(f"wrote {out}/: config.json, adversarial.safetensors, report.json"
+          + (", report-naive.json" if (out / "report-naive.json").exists() else "")
           + (", grid.png" if (out / "grid.png").exists() else ""))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     report, out = run_evaluation(args, "evaluate")
-    print(report.table())
-    print(f"wrote {out}/: config.json, state.jsonl, report.json" + (", grid.png" if (out / "grid.png").exists() else ""))
+    _print_reports(report)
+    print(f"wrote {out}/: config.json, state.jsonl, report.json"
+          + (", state-naive.jsonl, report-naive.json" if (out / "report-naive.json").exists() else "")
+          + (", grid.png" if (out / "grid.png").exists() else ""))
     return 0
 
 

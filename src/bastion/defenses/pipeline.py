@@ -5,7 +5,9 @@ that is the *naive* attack, straight through the real components (what most pape
 `adaptive_view()` returns the same pipeline as an attacker who knows the defense sees it:
 non-differentiable components are routed through their `bpda` stand-in on the backward pass
 (Athalye et al. 2018). Randomized pipelines must additionally be attacked with EOT
-(`bastion.attacks.adaptive.EOT`); `Defended.randomized` tells the evaluator so.
+(`bastion.attacks.adaptive.EOT`); `Defended.randomized` tells the evaluator so, and
+`attack_view(eot)` builds the composition the declarations call for (BPDA, plus EOT when the
+pipeline is randomized).
 """
 
 from __future__ import annotations
@@ -87,6 +89,33 @@ class Defended(nn.Module):
     def adaptive_view(self) -> "AdaptiveView":
         """The pipeline as an informed attacker differentiates it (BPDA for non-differentiable parts)."""
         return AdaptiveView(self)
+
+    def attack_view(self, eot: int = 10, average: str = "logits", max_batch_size: int | None = None) -> nn.Module:
+        """The module an adaptive attack should target, built from the declarations.
+
+        `adaptive_view()` (BPDA through every non-differentiable component) when no component is
+        randomized; otherwise ``EOT(adaptive_view(), n=eot)``: each forward averages `eot`
+        independent draws, so a gradient attack follows the gradient of the expected prediction
+        (Athalye, Carlini & Wagner 2018, arXiv:1802.00420, §4.1 and §4.3). Note that an attack
+        run on the EOT module also *scores* with the averaged prediction (the "prediction of
+        `eot` draws" classifier); to score the deployed pipeline, evaluate ``self`` (one draw)
+        on the adversarial examples.
+
+        Args:
+            eot: draws per forward for randomized pipelines (>= 1; ignored otherwise).
+            average: ``"logits"`` or ``"probs"`` (see `EOT`).
+            max_batch_size: most rows per forward of the EOT module (None: all draws at once).
+
+        Example:
+            >>> d = Defended([create_transform("jpeg"), create_transform("gaussian-noise:sigma=0.1")], model)
+            >>> result = PGD(steps=40)(d.attack_view(eot=10), x, y, "linf:0.1")   # BPDA + EOT-10
+        """
+        from ..attacks.adaptive import EOT
+
+        if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
+            raise ValueError(f"`eot` must be an int >= 1 (draws per forward), got {eot!r}")
+        view = self.adaptive_view()
+        return EOT(view, n=eot, average=average, max_batch_size=max_batch_size) if self.randomized else view
 
 
 class AdaptiveView(nn.Module):

@@ -58,9 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import register_transform
+from .base import RandomizedTransform, check_int_range, register_transform, zero_grad_output
 from .jpeg import jpeg_roundtrip
-from .noise import RandomizedTransform, check_int_range, zero_grad_output
 from .smoothing import box_blur, gaussian_blur, median_filter, symmetric_pad
 from .tvm import tv_reconstruct
 

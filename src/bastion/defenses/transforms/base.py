@@ -7,7 +7,10 @@ declaring:
   reduction, median filters, quilting... do not (their gradient is zero or undefined), so a
   gradient attack straight through them fails for the wrong reason (Athalye et al. 2018).
 * ``randomized`` — `forward` samples randomness (SHIELD, BaRT, noise, random resize): an attacker
-  must average over it (EOT), and an evaluation must not trust a single draw.
+  must average over it (EOT), and an evaluation must not trust a single draw. The class
+  attribute is the default; a transform whose randomness an option switches off (quilting with
+  ``k=1``, TVM keeping every pixel, SHIELD with one quality, ...) sets ``randomized = False``
+  on that instance, so the evaluator does not pay for EOT draws that are all the same.
 * ``bpda(x)`` — a differentiable stand-in for `forward`, used on the backward pass of an
   adaptive attack (Backward Pass Differentiable Approximation). The default is the identity,
   right for transforms that keep the image close to its input.
@@ -15,12 +18,24 @@ declaring:
 `straight_through(t, x)` returns the real ``t(x)`` on the forward pass with the gradient of
 ``t.bpda(x)`` on the backward pass; `bastion.defenses.pipeline.Defended` uses it in its
 adaptive view.
+
+Helpers the transform modules share:
+
+* `zero_grad_output(out, x)` — the real output of a non-differentiable component, attached to
+  the graph with a zero derivative: autograd through it yields zeros (what a naive attack sees
+  and the obfuscated-gradient checks flag) instead of an error.
+* `RandomizedTransform` — a `Transform` with an optional ``seed`` / ``generator``: with neither,
+  draws come from torch's global RNG (so ``torch.manual_seed`` fixes them); with a seed, the
+  transform owns a `torch.Generator` seeded once, so two calls differ and a fresh transform
+  with the same seed replays the same sequence of calls.
+* `check_int_range`, `check_odd_size` — argument checks whose errors name the argument.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ..._checks import check_images
@@ -33,7 +48,8 @@ class Transform(nn.Module):
     """Base class of input transformations. Subclasses set the class flags and implement `transform`."""
 
     differentiable: ClassVar[bool] = True
-    randomized: ClassVar[bool] = False
+    #: the class default; an instance whose options switch its randomness off sets its own False
+    randomized: bool = False
     name: ClassVar[str] = "transform"
     #: channels the transform accepts (None: any)
     channels: ClassVar[tuple[int, ...] | None] = None
@@ -59,6 +75,104 @@ class Transform(nn.Module):
     def extra_repr(self) -> str:
         cfg = {k: v for k, v in self.config().items() if k != "name"}
         return ", ".join(f"{k}={v!r}" for k, v in cfg.items())
+
+
+# ------------------------------------------------------------------------------ validation
+def check_int_range(value: Any, name: str, lo: int, hi: int | None = None) -> int:
+    """An int (not a bool) in [lo, hi] (hi None: unbounded); errors name the argument."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"`{name}` must be an integer {rng}, got {value!r}")
+    return value
+
+
+def check_odd_size(value: Any, name: str = "size") -> int:
+    """A positive odd window size (the window must have a centre pixel)."""
+    check_int_range(value, name, 1)
+    if value % 2 == 0:
+        raise ValueError(f"`{name}` must be odd (the window needs a centre pixel), got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------ gradients
+def zero_grad_output(out: Tensor, x: Tensor) -> Tensor:
+    """`out` (computed without autograd) connected to `x` with a zero derivative.
+
+    A non-differentiable component (a codec, a solver, a table look-up, a purifier's inner
+    optimization) gives an attacker who differentiates through it exactly zero gradient;
+    returning a detached tensor would make `torch.autograd.grad` raise instead, which hides
+    the masking rather than showing it.
+    """
+    out = out.detach()
+    if x.requires_grad:
+        out = out + 0.0 * x.sum()
+    return out
+
+
+# ------------------------------------------------------------------------------ randomness
+class RandomizedTransform(Transform):
+    """A transform that samples randomness; reproducible under ``seed`` or an explicit generator.
+
+    Args:
+        seed: seed of a generator owned by the transform (None: no own generator).
+        generator: a `torch.Generator` to draw from (exclusive with `seed`). Draws happen on the
+            generator's device and are moved to the input's device.
+
+    With neither, draws use torch's global RNG. ``randomized`` is True by default; a subclass
+    whose options make a draw constant sets ``self.randomized = False`` on the instance.
+    """
+
+    randomized = True
+
+    def __init__(self, seed: int | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if seed is not None and generator is not None:
+            raise ValueError("give either `seed` or `generator`, not both")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"`seed` must be an int or None, got {seed!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
+        self.seed = seed
+        self.generator = generator
+        if seed is not None:
+            self.generator = torch.Generator().manual_seed(seed)
+
+    def manual_seed(self, seed: int) -> "RandomizedTransform":
+        """Restart the transform's own random sequence from `seed` (returns self)."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed` must be an int, got {seed!r}")
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        return self
+
+    # draws on the generator's device (CPU for an own generator), then moved to `device`
+    def _device(self, device: torch.device) -> torch.device:
+        return self.generator.device if self.generator is not None else device
+
+    def rand(self, *shape: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+        d = torch.device(device)
+        return torch.rand(shape, generator=self.generator, device=self._device(d), dtype=dtype).to(d)
+
+    def randn(self, *shape: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+        d = torch.device(device)
+        return torch.randn(shape, generator=self.generator, device=self._device(d), dtype=dtype).to(d)
+
+    def randint(self, low: int, high: int, *shape: int, device: torch.device | str = "cpu") -> Tensor:
+        d = torch.device(device)
+        return torch.randint(low, high, shape, generator=self.generator, device=self._device(d)).to(d)
+
+    def uniform(self, lo: float, hi: float, *shape: int, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> Tensor:
+        return lo + (hi - lo) * self.rand(*shape, device=device, dtype=dtype)
+
+    def perm(self, n: int) -> list[int]:
+        """A random permutation of range(n), as a Python list."""
+        return torch.randperm(n, generator=self.generator, device=self._device(torch.device("cpu"))).tolist()
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "seed": self.seed}
 
 
 def straight_through(t: nn.Module, x: Tensor) -> Tensor:

@@ -36,8 +36,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..._checks import check_choice
-from .base import Transform, register_transform
-from .noise import check_int_range, zero_grad_output
+from .base import Transform, check_int_range, register_transform, zero_grad_output
 
 __all__ = ["DifferentiableJPEG", "JPEG", "jpeg_quant_tables", "jpeg_roundtrip"]
 

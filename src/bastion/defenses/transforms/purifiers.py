@@ -37,7 +37,7 @@ from ..generative.defensegan import check_projection_args, default_lr, defensega
 from ..generative.gan import Generator
 from ..generative.pixelcnn import PixelCNN
 from ..generative.pixeldefend import pixeldefend
-from .base import Transform, register_transform
+from .base import Transform, register_transform, zero_grad_output
 
 __all__ = ["PixelDefend", "DefenseGAN", "MagNetReformer"]
 
@@ -49,19 +49,6 @@ def _freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
-
-
-def _zero_grad_output(out: Tensor, x: Tensor) -> Tensor:
-    """`out` (computed without autograd) connected to `x` with a zero derivative.
-
-    A naive attacker differentiating straight through the purifier then gets exactly zero
-    gradient (the masking the evaluation must detect) instead of an autograd error. The same
-    convention as the other non-differentiable transforms.
-    """
-    out = out.detach()
-    if x.requires_grad:
-        out = out + 0.0 * x.sum()
-    return out
 
 
 def _make_rng(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
@@ -121,12 +108,12 @@ class PixelDefend(Transform):
         self.seed = seed
         self._rng = _make_rng(seed, generator)
         # the sampling variant draws randomness in forward: declare it so the evaluator uses EOT
-        self.randomized = sample  # type: ignore[misc]
+        self.randomized = sample
 
     def transform(self, x: Tensor) -> Tensor:
         assert isinstance(self.model, PixelCNN)
         out = pixeldefend(self.model, x, self.eps_defend, sample=self.sample, generator=self._rng)
-        return _zero_grad_output(out, x)
+        return zero_grad_output(out, x)
 
     def manual_seed(self, seed: int) -> "PixelDefend":
         """Restart the draws of ``sample=True`` from `seed` (returns self)."""
@@ -187,7 +174,7 @@ class DefenseGAN(Transform):
                                   rng=self._rng, batch_size=self.batch_size)
 
     def transform(self, x: Tensor) -> Tensor:
-        return _zero_grad_output(self.project(x)[0], x)
+        return zero_grad_output(self.project(x)[0], x)
 
     def manual_seed(self, seed: int) -> "DefenseGAN":
         """Restart the transform's own random sequence of initial z from `seed` (returns self)."""

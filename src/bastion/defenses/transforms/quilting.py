@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 from ..._checks import check_images
-from .base import register_transform
-from .noise import RandomizedTransform, check_int_range, zero_grad_output
+from .base import RandomizedTransform, check_int_range, register_transform, zero_grad_output
 
 __all__ = ["Quilting"]
 

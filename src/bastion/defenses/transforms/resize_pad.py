@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..._checks import check_choice
-from .base import register_transform
-from .noise import RandomizedTransform, check_int_range
+from .base import RandomizedTransform, check_int_range, register_transform
 
 __all__ = ["RandomResizePad"]
 
@@ -37,7 +36,8 @@ class RandomResizePad(RandomizedTransform):
     as two successive interpolations.
 
     Declarations: differentiable (bilinear or nearest resampling is linear in the input),
-    randomized (attack with EOT); `bpda` not needed.
+    randomized (attack with EOT), except with ``ratio=1`` (the instance declares
+    ``randomized = False``); `bpda` not needed.
 
     Args:
         ratio: canvas side / image side, >= 1. Default 331/299 (the paper's).
@@ -58,6 +58,8 @@ class RandomResizePad(RandomizedTransform):
         self.ratio = float(ratio)
         self.output = check_choice(output, "output", ("input", "canvas"))
         self.mode = check_choice(mode, "mode", ("bilinear", "nearest"))
+        # ratio 1: the canvas is the image, the size and offsets are constant (nothing random)
+        self.randomized = self.ratio > 1.0
 
     def transform(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape

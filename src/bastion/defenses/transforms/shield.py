@@ -26,9 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..._checks import check_choice, check_images, check_labels, check_positive
-from .base import register_transform
+from .base import RandomizedTransform, check_int_range, register_transform, zero_grad_output
 from .jpeg import _check_quality, jpeg_roundtrip
-from .noise import RandomizedTransform, check_int_range, zero_grad_output
 
 __all__ = ["SHIELD", "shield_defense", "vaccinate"]
 
@@ -39,6 +38,8 @@ def _check_qualities(qualities: Any) -> tuple[int, ...]:
             qualities = [int(q) for q in re.split(r"[/;|\s]+", qualities.strip()) if q]
         except ValueError:
             raise ValueError(f"`qualities` must be JPEG qualities like '20/40/60/80', got {qualities!r}") from None
+    if isinstance(qualities, int) and not isinstance(qualities, bool):  # one quality ("shield:qualities=50")
+        qualities = (qualities,)
     if not isinstance(qualities, Sequence) or not qualities:
         raise ValueError(f"`qualities` must be a non-empty sequence of JPEG qualities, got {qualities!r}")
     return tuple(_check_quality(q, "qualities") for q in qualities)
@@ -52,8 +53,9 @@ class SHIELD(RandomizedTransform):
     Defense and Vaccination for Deep Learning using JPEG Compression", KDD 2018,
     arXiv:1802.06816.
 
-    Declarations: randomized (the per-block qualities; attack with EOT), not differentiable
-    (the JPEG codec: autograd gives zero); `bpda` = identity.
+    Declarations: randomized (the per-block qualities; attack with EOT) unless `qualities` holds
+    a single value (then the instance declares ``randomized = False``: it is plain JPEG); not
+    differentiable (the JPEG codec: autograd gives zero); `bpda` = identity.
 
     Args:
         qualities: the JPEG qualities to choose from (each 1..100). Default (20, 40, 60, 80).
@@ -74,6 +76,8 @@ class SHIELD(RandomizedTransform):
         super().__init__(seed, generator)
         self.qualities = _check_qualities(qualities)
         self.block = check_int_range(block, "block", 1)
+        # one distinct quality: every block gets the same codec, nothing is random
+        self.randomized = len(set(self.qualities)) > 1
         self.last_choice: Tensor | None = None  # N×bh×bw indices into `qualities` of the last call
 
     def transform(self, x: Tensor) -> Tensor:

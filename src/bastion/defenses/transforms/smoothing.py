@@ -11,6 +11,7 @@ parameter where it makes sense, so randomized pipelines (BaRT) stay vectorized.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -19,13 +20,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..._checks import check_positive
-from .base import Transform, register_transform
-from .noise import check_odd_size, zero_grad_output
+from .base import Transform, check_odd_size, register_transform, zero_grad_output
 
 __all__ = ["GaussianBlur", "MedianFilter", "box_blur", "gaussian_blur", "median_filter", "symmetric_pad"]
 
 # Cap on the elements of one unfolded median batch (N·C·H·W·k²), to bound memory.
 _MEDIAN_CHUNK_ELEMENTS = 2**25
+# Largest window computed by min/max comparators (3×3: sorted columns; 5×5: a selection
+# network); larger windows: unfold + median.
+_NETWORK_MAX_SIZE = 5
+# On the CPU the comparator paths work on chunks of at most this many padded elements: each of
+# their ~20 (3×3) elementwise ops then stays under torch's parallel grain size (32,768), runs
+# in one thread from cache, and pays no thread synchronization. Measured on 1,000 Fashion-MNIST
+# images on a busy 2-core machine with 2 threads: 90 ms in chunks of 20 images, 0.8–8 s as one
+# batch or in chunks of 40, 0.4 s for scipy.ndimage.median_filter.
+_CPU_CHUNK_ELEMENTS = 2**15
 
 
 def _reflect_index(n: int, pad: int, device: torch.device) -> Tensor:
@@ -44,21 +53,130 @@ def symmetric_pad(x: Tensor, pad: int) -> Tensor:
     return x.index_select(-1, _reflect_index(w, pad, x.device))
 
 
+def _batcher_pairs(n: int) -> list[tuple[int, int]]:
+    """Comparators (low wire, high wire) of Batcher's odd-even merge sort on n = 2^j wires."""
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+@functools.lru_cache(maxsize=None)
+def median_network(m: int) -> tuple[tuple[tuple[str, int, int, bool, bool], ...], int]:
+    """A selection network for the median of m (odd) values: ``(ops, output wire)``.
+
+    Batcher's sorting network on the next power of two, the padding wires held at −∞ / +∞
+    (comparators against them are resolved when the network is built: a no-op or a relabeling
+    ``"swap"``), then pruned backwards to the comparators the median depends on, each computing
+    only the outputs that are used (``need_min``, ``need_max``). Wires 0..m−1 of the returned
+    ops are the inputs. For m = 9 (a 3×3 window) it is 23 comparators.
+    """
+    n = 1 << max(0, (m - 1).bit_length())
+    lo = (n - m) // 2  # wires [0, lo): −∞; [lo, lo+m): data; the rest: +∞
+    kind = ["-"] * lo + ["d"] * m + ["+"] * (n - lo - m)
+    ops: list[tuple[str, int, int]] = []
+    for a, b in _batcher_pairs(n):
+        ka, kb = kind[a], kind[b]
+        if ka == "-" or kb == "+":  # already in order
+            continue
+        if ka == "+" or kb == "-":  # out of order whatever the data: exchange the wires
+            kind[a], kind[b] = kb, ka
+            ops.append(("swap", a, b))
+        else:
+            ops.append(("cmp", a, b))
+    need = {lo + m // 2}
+    kept: list[tuple[str, int, int, bool, bool]] = []
+    for op, a, b in reversed(ops):
+        if a not in need and b not in need:
+            continue
+        if op == "swap":
+            ina, inb = b in need, a in need
+            need.discard(a)
+            need.discard(b)
+            need |= {a} if ina else set()
+            need |= {b} if inb else set()
+            kept.append((op, a, b, False, False))
+        else:
+            kept.append((op, a, b, a in need, b in need))
+            need |= {a, b}
+    # renumber: data wire lo + t becomes input t
+    shift = {w: w - lo for w in range(n)}
+    return tuple((op, shift[a], shift[b], mn, mx) for op, a, b, mn, mx in reversed(kept)), lo + m // 2 - lo
+
+
+def _median3x3(p: Tensor, h: int, w: int) -> Tensor:
+    """The 3×3 median of the padded `p` from sorted columns: 18 elementwise min/max in all.
+
+    Each vertical triple is sorted once (low, mid, high) and shared by the three windows that
+    contain it; a window's median is then med3(max of its 3 lows, med3 of its 3 mids, min of
+    its 3 highs) — exact (the lows' maximum and the highs' minimum bound the median from either
+    side, and the middle candidate lies between them; the tests check it against scipy).
+    """
+    a, b, c = p[..., 0:h, :], p[..., 1:h + 1, :], p[..., 2:h + 2, :]
+    mn, mx = torch.minimum(a, b), torch.maximum(a, b)
+    lo, hi = torch.minimum(mn, c), torch.maximum(mx, c)
+    mid = torch.maximum(mn, torch.minimum(mx, c))
+    cols = (slice(0, w), slice(1, w + 1), slice(2, w + 2))
+    lo_max = torch.maximum(torch.maximum(lo[..., cols[0]], lo[..., cols[1]]), lo[..., cols[2]])
+    hi_min = torch.minimum(torch.minimum(hi[..., cols[0]], hi[..., cols[1]]), hi[..., cols[2]])
+    return _med3(_med3(mid[..., cols[0]], mid[..., cols[1]], mid[..., cols[2]]), lo_max, hi_min)
+
+
+def _med3(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
+
+
+def _median_by_network(p: Tensor, size: int, h: int, w: int) -> Tensor:
+    """Median over the k×k windows of the padded `p`, by a selection network of elementwise min/max."""
+    ops, out = median_network(size * size)
+    wires: dict[int, Tensor] = {dy * size + dx: p[..., dy:dy + h, dx:dx + w].contiguous()
+                                for dy in range(size) for dx in range(size)}
+    for op, a, b, need_min, need_max in ops:
+        va, vb = wires.get(a), wires.get(b)
+        if op == "swap":
+            wires[a], wires[b] = vb, va  # type: ignore[assignment]
+            continue
+        if need_min:
+            wires[a] = torch.minimum(va, vb)
+        if need_max:
+            wires[b] = torch.maximum(va, vb)
+    return wires[out].contiguous()
+
+
 def median_filter(x: Tensor, size: int) -> Tensor:
     """Per-channel k×k median with symmetric padding; equals scipy.ndimage.median_filter(mode="reflect").
 
-    Vectorized with `unfold` (chunked over the batch to bound memory). Not differentiable in
-    any useful sense; callers that need the declaration use `MedianFilter`.
+    3×3 windows take the median of sorted columns (`_median3x3`, 18 elementwise min/max), 5×5
+    ones a median selection network (`median_network`), both on shifted views of the padded
+    batch without copying windows; larger ones `unfold` the windows and take their median
+    (chunked over the batch to bound memory). Not differentiable in any useful sense; callers
+    that need the declaration use `MedianFilter`.
     """
     check_odd_size(size, "size")
     if size == 1 or x.numel() == 0:
         return x.clone()
     n, c, h, w = x.shape
-    per_image = c * h * w * size * size
-    step = max(1, _MEDIAN_CHUNK_ELEMENTS // per_image)
+    if size <= _NETWORK_MAX_SIZE and x.device.type == "cpu":
+        step = max(1, _CPU_CHUNK_ELEMENTS // (c * (h + size - 1) * (w + size - 1)))
+    else:
+        step = max(1, _MEDIAN_CHUNK_ELEMENTS // (c * h * w * size * size))
     outs = []
     for i in range(0, n, step):
         p = symmetric_pad(x[i:i + step], size // 2)
+        if size == 3:
+            outs.append(_median3x3(p, h, w))
+            continue
+        if size <= _NETWORK_MAX_SIZE:
+            outs.append(_median_by_network(p, size, h, w))
+            continue
         win = p.unfold(2, size, 1).unfold(3, size, 1)  # n×C×H×W×k×k
         outs.append(win.reshape(*win.shape[:4], size * size).median(dim=-1).values)
     return torch.cat(outs)

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Transform, register_transform
-from .noise import check_int_range, zero_grad_output
+from .base import Transform, check_int_range, register_transform, zero_grad_output
 
 __all__ = ["Thermometer", "adapt_model"]
 

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..._checks import check_in_range, check_positive
-from .base import register_transform
-from .noise import RandomizedTransform, check_int_range, zero_grad_output
+from .base import RandomizedTransform, check_int_range, register_transform, zero_grad_output
 
 __all__ = ["TotalVarMin", "tv_reconstruct", "total_variation"]
 
@@ -117,7 +116,8 @@ class TotalVarMin(RandomizedTransform):
     ``argmin_z ½‖X ⊙ (z − x)‖² + weight · TV(z)`` (isotropic TV, Chambolle-Pock; see the
     module docstring for how this differs from the paper's solver). Output clipped to [0, 1].
 
-    Declarations: randomized (the dropout mask; attack with EOT); not differentiable (the
+    Declarations: randomized (the dropout mask; attack with EOT), except with ``keep_prob=1``
+    (every pixel kept: the instance declares ``randomized = False``); not differentiable (the
     iterative solver is treated as a black box: autograd gives zero); `bpda` = identity.
 
     Args:
@@ -145,6 +145,8 @@ class TotalVarMin(RandomizedTransform):
         self.weight = float(weight)
         self.iterations = check_int_range(iterations, "iterations", 1)
         self.per_channel = per_channel
+        # keep_prob = 1 keeps every pixel: the mask, the only random draw, is constant
+        self.randomized = self.keep_prob < 1.0
 
     def transform(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
