@@ -452,9 +452,9 @@ def evaluate_detector(detector: nn.Module, x: Tensor, y: Tensor, attacks: Sequen
 
     Returns:
         reports in order; ``report.attack`` is the attack's config plus ``label`` and
-        ``adaptive``. The L2 distortion of a detector-cw row is normalized by a plain C&W of the
-        same settings on the bare classifier (the given C&W's run when there is one, else an
-        extra run): the MRR article's "normalized distortion".
+        ``adaptive``. The L2 distortion of a detector-cw row is normalized by the same C&W
+        optimizer, same settings, without the detector term, run on the bare classifier (one
+        extra run per setting): the MRR article's "normalized distortion".
     """
     from ..attacks.detector_aware import DetectorAwareCW
 
@@ -480,14 +480,13 @@ def evaluate_detector(detector: nn.Module, x: Tensor, y: Tensor, attacks: Sequen
     for _, atk, _ in plan:  # fail on a missing threat before any attack runs
         _threat_for(atk, threat)
     reports: list[DetectionReport] = []
-    cw_l2: dict[str, Tensor] = {}  # plain C&W's successful L2 norms, by settings
+    cw_l2: dict[str, Tensor] = {}  # successful L2 norms of detector-cw without a detector, by settings
     for label, atk, is_adaptive in plan:
         t = _threat_for(atk, threat)
         x_adv, success, l2 = _run(atk, model, x, y, t, seed, batch_size)
-        if atk.name == "cw":
-            cw_l2[json.dumps({f: getattr(atk, f) for f in _CW_FIELDS}, sort_keys=True)] = l2[success]
         ref = None
         if isinstance(atk, DetectorAwareCW) and atk.detector is not None:
+            # the reference is the very same optimizer without the detector term, on the bare model
             key = json.dumps({f: getattr(atk, f) for f in _CW_FIELDS}, sort_keys=True)
             if key not in cw_l2:
                 plain = DetectorAwareCW(**{f: getattr(atk, f) for f in _CW_FIELDS})
