@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -341,6 +342,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     subs["demo"] = p
+    _add_detect_parsers(sub, subs)
     return parser, subs
 
 
@@ -935,10 +937,307 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- detect
+
+
+def _add_detect_parsers(sub: Any, subs: dict[str, argparse.ArgumentParser]) -> None:
+    """`bastion detect fit` and `bastion detect evaluate`."""
+    p = sub.add_parser("detect", help="fit an adversarial-example detector, or evaluate one against attacks",
+                       description="Detectors (see `bastion list detectors`): `detect fit` fits one on clean training "
+                                   "data and sets its threshold on disjoint clean validation data; `detect evaluate` "
+                                   "attacks the model it watches and reports AUC, detection rate at that threshold, "
+                                   "the clean false-positive rate and defense success.")
+    dsub = p.add_subparsers(dest="detect_command", metavar="ACTION", required=True)
+    subs["detect"] = p
+
+    f = dsub.add_parser("fit", help="fit a detector on clean training data and calibrate its threshold",
+                        description="Fit a detector to a trained model on clean training images, set its threshold "
+                                    "at --fpr on a disjoint clean validation split (split-conformal: at most that "
+                                    "fraction of new clean images is flagged), and save it into --out: "
+                                    "detector.safetensors + detector.json (never pickle), a copy of the model "
+                                    "(model.safetensors + model.json) and config.json.")
+    f.add_argument("--config", dest="detect_config", metavar="FILE", help="TOML file of option values (flags override it)")
+    g = f.add_argument_group("detector")
+    g.add_argument("--detector", required=False, default=None, metavar="SPEC",
+                   help="detector name and options, e.g. mrr:n=16, kde:bandwidth=\"auto\", feature-squeeze (required)")
+    g.add_argument("--detector-opt", action="append", type=parse_kv, default=[], metavar="KEY=VALUE",
+                   help="detector option, repeatable (e.g. --detector-opt epochs=20)")
+    g.add_argument("--fpr", type=float, default=0.05,
+                   help="false-positive rate on clean data the threshold allows (MRR's security parameter; default 0.05)")
+    g = f.add_argument_group("model and data")
+    g.add_argument("--model-path", "--model", dest="model_path", default=None, metavar="RUN",
+                   help="the trained model: a run folder of `bastion train` or a model checkpoint (required)")
+    g.add_argument("--data", default=None, metavar="NAME", help="dataset (default: the one the model was trained on)")
+    g.add_argument("--data-root", default=None, metavar="DIR", help="folder with the dataset's standard files")
+    g.add_argument("--no-download", dest="download", action="store_false", help="never download missing dataset files")
+    g.add_argument("--fit-limit", type=_positive_int, default=None, metavar="N",
+                   help="fit on N training images drawn at random (seeded; default all)")
+    g.add_argument("--val-split", choices=("test", "train"), default="test",
+                   help="where the clean validation images come from: test (default; images the model never saw, "
+                        "like the images it will be used on; `detect evaluate` then leaves them out) or train (held "
+                        "out from the fit data only)")
+    g.add_argument("--val-size", type=_positive_int, default=500, metavar="N",
+                   help="clean validation images for the threshold (default 500; at least 1/fpr − 1)")
+    g.add_argument("--lr-examples", type=_positive_int, default=500, metavar="N",
+                   help="kde-bu only: fit images kept apart for its logistic regression (default 500)")
+    g = f.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data draws and of the detector (default 0)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default runs/detect-<detector>-<data>-<time>); never overwritten")
+    subs["detect fit"] = f
+
+    e = dsub.add_parser("evaluate", help="attack the model and measure the detector",
+                        description="Load a detector saved by `detect fit`, attack the model it watches on test "
+                                    "images it was neither fit nor calibrated on, and report per attack: AUC "
+                                    "(successful adversarial examples vs clean), detection rate at the saved "
+                                    "threshold, the clean false-positive rate, defense success (detected or still "
+                                    "correct) and attack success. The attacks are crafted against the bare model; "
+                                    "--adaptive adds the white-box attacks that know the detector (detector-pgd for "
+                                    "bounded attacks, detector-cw for minimum-norm ones). Writes config.json and "
+                                    "report.json into --out and prints the table.")
+    e.add_argument("--config", dest="detect_config", metavar="FILE", help="TOML file of option values (flags override it)")
+    g = e.add_argument_group("detector and data")
+    g.add_argument("--detector-path", default=None, metavar="DIR", help="a folder written by `detect fit` (required)")
+    g.add_argument("--model-path", "--model", dest="model_path", default=None, metavar="PATH",
+                   help="the model (default: the copy saved with the detector)")
+    g.add_argument("--data", default=None, metavar="NAME", help="dataset (default: the one the detector was fit on)")
+    g.add_argument("--split", choices=("train", "test"), default="test", help="split to attack (default test)")
+    g.add_argument("--data-root", default=None, metavar="DIR", help="folder with the dataset's standard files")
+    g.add_argument("--no-download", dest="download", action="store_false", help="never download missing dataset files")
+    g.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="attack N images drawn at random (seeded) from the split, once the detector's fit and "
+                        "calibration images are left out (default all)")
+    g = e.add_argument_group("attacks")
+    g.add_argument("--attack", action="append", default=[], metavar="NAME",
+                   help="attack, repeatable, run in the order given (e.g. --attack fgsm --attack cw); detector-pgd "
+                        "and detector-cw attack the detector too (required)")
+    g.add_argument("--attack-opt", action="append", default=[], metavar="[NAME:]KEY=VALUE",
+                   help="hyper-parameter of an --attack, repeatable (e.g. --attack-opt cw:max_iterations=200)")
+    g.add_argument("--threat", default=None, metavar="NORM:EPS",
+                   help="threat of the bounded attacks (fgsm, bim, pgd, detector-pgd), e.g. linf:0.3; minimum-norm "
+                        "attacks (cw, deepfool, jsma) run without one")
+    g.add_argument("--adaptive", action="store_true",
+                   help="also run each attack's adaptive counterpart (detector-pgd / detector-cw) against model + detector")
+    g.add_argument("--adaptive-opt", action="append", default=[], metavar="NAME:KEY=VALUE",
+                   help="setting of an adaptive counterpart, repeatable (e.g. --adaptive-opt detector-pgd:lam=4)")
+    g = e.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data draw and the attacks (default 0)")
+    g.add_argument("--batch-size", type=_positive_int, default=250)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default DETECTOR_DIR/evaluate-<time>); never overwritten")
+    subs["detect evaluate"] = e
+
+
+def _detect_reparse(args: argparse.Namespace) -> argparse.Namespace:
+    """Apply `--config FILE` of a `detect` action: the file sets defaults, the flags override it."""
+    if not getattr(args, "detect_config", None):
+        return args
+    parser, subs = build_parser()
+    sp = subs[f"detect {args.detect_command}"]
+    sp.set_defaults(**_load_config(args.detect_config, sp))
+    new = parser.parse_args(args.argv)
+    new.argv = args.argv
+    return new
+
+
+def _fresh_folder(out: Path) -> Path:
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} is not empty; choose a new --out (nothing is overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _draw(n: int, k: int | None, seed: int, salt: int) -> Any:
+    """k indices of range(n) drawn at random (seeded), in a stable order; all of them when k is None."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + salt)
+    perm = torch.randperm(n, generator=g)
+    return perm if k is None else perm[:min(k, n)]
+
+
+def cmd_detect_fit(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_write_json, load_model, save_model
+    from .data import load_dataset
+    from .defenses.detectors import KDEBU, create_detector, save_detector
+    from .defenses.training.trainer import resolve_device
+
+    import torch
+
+    if not args.detector:
+        raise ValueError("--detector is required, e.g. --detector mrr:n=16 (see `bastion list detectors`)")
+    if not args.model_path:
+        raise ValueError("--model-path RUN is required: the trained model the detector watches")
+    if not (0.0 < args.fpr < 1.0):
+        raise ValueError(f"--fpr must be a false-positive rate strictly between 0 and 1, got {args.fpr}")
+    det = create_detector(args.detector, **dict(args.detector_opt))  # fail on a bad spec before loading anything
+    path = Path(args.model_path)
+    if not path.exists() and not path.with_suffix(".json").exists():
+        raise FileNotFoundError(f"--model-path {path} not found: give a run folder of `bastion train` or a model "
+                                f"checkpoint such as RUN/model")
+    trained_on = _run_config(path).get("data") or {}
+    name = args.data or (trained_on.get("train") or trained_on.get("test") or {}).get("name")
+    if not name:
+        raise ValueError("--data is required (the model's run folder does not say which dataset it was trained on)")
+    device = resolve_device(args.device)
+    model = load_model(path).to(device)
+    train = load_dataset(name, "train", args.data_root, args.download)
+    spec = getattr(model, "spec", None)
+    if spec is not None and (tuple(spec.in_shape) != train.shape or spec.num_classes != train.num_classes):
+        raise ValueError(f"the model takes {tuple(spec.in_shape)} images with {spec.num_classes} classes, but "
+                         f"{train.name} has {train.shape} images with {train.num_classes} classes: wrong --data?")
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"detect-{det.name}-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _fresh_folder(out)
+    # the validation split first (disjoint from the fit data when both come from train), then the fit data
+    fit_idx = _draw(len(train), None, args.seed, 1)
+    if args.val_split == "test":
+        val_set = load_dataset(name, "test", args.data_root, args.download)
+        val_idx = _draw(len(val_set), args.val_size, args.seed, 2)
+    else:
+        val_set = train
+        val_idx, fit_idx = fit_idx[:args.val_size], fit_idx[args.val_size:]
+    if args.fit_limit is not None:
+        fit_idx = fit_idx[:args.fit_limit]
+    need = math.ceil(1.0 / args.fpr - 1.0 - 1e-9)
+    if len(val_idx) < need:
+        raise ValueError(f"--val-size {len(val_idx)} is too small for --fpr {args.fpr:g}: the threshold needs at "
+                         f"least {need} clean validation images")
+    x_fit, y_fit = train.images[fit_idx].to(device), train.labels[fit_idx].to(device)
+    x_val = val_set.images[val_idx].to(device)
+    log.info("fitting %s on %d %s training images; threshold at FPR %g on %d %s images", args.detector, len(fit_idx),
+             name, args.fpr, len(val_idx), args.val_split)
+    t0 = time.perf_counter()
+    torch_seed(args.seed)
+    if isinstance(det, KDEBU):  # densities on most of the fit data, its regression on the rest
+        k = min(args.lr_examples, len(fit_idx) // 4)
+        if k < 2:
+            raise ValueError(f"kde-bu needs training images for its densities and its regression: --fit-limit "
+                             f"{len(fit_idx)} is too small")
+        det.fit(model, x_fit[-k:], y_fit[-k:], x_density=x_fit[:-k], y_density=y_fit[:-k], seed=args.seed)
+    else:
+        det.fit(model, x_fit, y_fit)
+    t_fit = time.perf_counter() - t0
+    det.calibrate(x_val, args.fpr)
+    save_detector(det, out / "detector")
+    save_model(out / "model", model)
+    cli = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    config = {"command": "detect fit", "argv": list(getattr(args, "argv", sys.argv[1:])), "cli": cli,
+              "model": {"path": str(path), "copy": "model"}, "data": train.meta(),
+              "fit": {"split": "train", "n": len(fit_idx), "seconds": round(t_fit, 2)},
+              "validation": {"split": args.val_split, "n": len(val_idx), "indices": val_idx.tolist()},
+              "detector": det.declaration(), "calibration": det.calibration}
+    atomic_write_json(out / "config.json", config)
+    print(f"detector            : {args.detector} ({det.name}; {'supervised' if det.supervised else 'unsupervised'}, "
+          f"{'differentiable' if det.differentiable else 'not differentiable (BPDA)'}"
+          f"{', randomized' if det.randomized else ''})")
+    print(f"fit                 : {len(fit_idx)} {name} training images in {t_fit:.1f} s")
+    print(f"threshold           : {det.threshold:.6g} at FPR {args.fpr:g} on {len(val_idx)} clean {args.val_split} "
+          f"images (flagged there: {det.calibration.get('fpr_calibration', float('nan')):.2%})")
+    print(f"wrote {out}/: detector.safetensors, detector.json, model.safetensors, model.json, config.json")
+    return 0
+
+
+def _detect_table(reports: list[Any]) -> str:
+    """The `detect evaluate` table: one row per attack."""
+    fmt = lambda v: "  n/a" if v is None else f"{v:5.3f}"  # noqa: E731
+    rows = [f"{'attack':<40} {'adv.':>5} {'AUC':>5} {'TPR@FPR':>7} {'detect':>6} {'clean FP':>8} "
+            f"{'def.succ':>8} {'atk.succ':>8} {'L2 norm.':>8}"]
+    for r in reports:
+        key = f"{r.fpr_requested:g}"
+        tpr = r.tpr_at_fpr.get(key)
+        rows.append(f"{r.attack['label']:<40} {r.n_positive:>5} {fmt(r.auc)} {fmt(tpr):>7} {fmt(r.detection_rate):>6} "
+                    f"{fmt(r.fpr_test):>8} {fmt(r.defense_success):>8} {fmt(r.attack_success):>8} "
+                    f"{fmt(r.l2_normalized):>8}")
+    r0 = reports[0]
+    rows.append(f"(adv.: successful adversarial examples of {r0.n_attacked} attacked test images; TPR@FPR: best "
+                f"detection rate on the ROC curve at FPR <= {r0.fpr_requested:g}; detect: detection rate at the "
+                f"saved threshold; clean FP: flagged clean test images; def.succ: detected or still correct; "
+                f"L2 norm.: median L2 of detector-cw's successes / plain C&W's on the bare model)")
+    return "\n".join(rows)
+
+
+def cmd_detect_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_write_json, load_model
+    from .data import load_dataset
+    from .defenses.detectors import example_hashes, load_detector
+    from .defenses.training.trainer import resolve_device
+    from .evaluation.detection import evaluate_detector
+    from .threat import ThreatModel
+
+    if not args.detector_path:
+        raise ValueError("--detector-path DIR is required (a folder written by `bastion detect fit`)")
+    if not args.attack:
+        raise ValueError("name at least one --attack (e.g. --attack fgsm --attack cw)")
+    folder = Path(args.detector_path)
+    if not (folder / "detector.json").is_file():
+        raise FileNotFoundError(f"--detector-path {folder} holds no detector.json; give a folder written by "
+                                f"`bastion detect fit`")
+    threat = ThreatModel.parse(args.threat) if args.threat else None
+    ns = argparse.Namespace(preset=None, attack=args.attack, attack_opt=args.attack_opt)
+    suite = _eval_suite(ns, "evaluate")
+    adaptive_opts: dict[str, dict[str, Any]] = {}
+    for text in args.adaptive_opt:
+        target, colon, rest = text.partition(":")
+        if not colon or target not in ("detector-pgd", "detector-cw"):
+            raise ValueError(f"--adaptive-opt {text!r} must read detector-pgd:KEY=VALUE or detector-cw:KEY=VALUE")
+        key, value = parse_kv(rest)
+        adaptive_opts.setdefault(target, {})[key] = value
+    saved = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    device = resolve_device(args.device)
+    model_path = Path(args.model_path) if args.model_path else folder / "model"
+    model = load_model(model_path).to(device)
+    det = load_detector(folder / "detector", model, map_location=device)
+    name = args.data or (saved.get("data") or {}).get("name")
+    if not name:
+        raise ValueError("--data is required (the detector folder does not say which dataset it was fit on)")
+    data = load_dataset(name, args.split, args.data_root, args.download)
+    used = det.fit_hashes | det.calibration_hashes
+    fresh = [i for i, h in enumerate(example_hashes(data.images)) if h not in used]
+    import torch
+
+    fresh_idx = torch.as_tensor(fresh, dtype=torch.long)
+    idx = fresh_idx[_draw(len(fresh), args.limit, args.seed, 3)]
+    if len(idx) == 0:
+        raise ValueError(f"no {name}/{args.split} image is left once the detector's fit and calibration images are "
+                         f"left out; use another --split")
+    x, y = data.images[idx].to(device), data.labels[idx].to(device)
+    out = Path(args.out) if args.out else folder / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
+    _fresh_folder(out)
+    cli = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    config = {"command": "detect evaluate", "argv": list(getattr(args, "argv", sys.argv[1:])), "cli": cli,
+              "detector": det.declaration(), "model": {"path": str(model_path)},
+              "data": {**data.meta(), "n": len(idx), "left_out": len(data) - len(fresh)},
+              "threat": None if threat is None else str(threat), "attacks": [list(a) for a in suite],
+              "adaptive": args.adaptive, "adaptive_opt": adaptive_opts, "seed": args.seed}
+    atomic_write_json(out / "config.json", config)
+    log.info("detect evaluate: %s against %s on %d %s/%s images (%d left out: fit or calibration data)", det.name,
+             ", ".join(a[0] for a in suite), len(idx), name, args.split, len(data) - len(fresh))
+    t0 = time.perf_counter()
+    fprs = tuple(sorted({0.01, 0.05, 0.1, float(det.fpr)}))
+    reports = evaluate_detector(det, x, y, suite, threat, adaptive=args.adaptive, adaptive_options=adaptive_opts,
+                                seed=args.seed, batch_size=args.batch_size, fprs=fprs)
+    seconds = time.perf_counter() - t0
+    atomic_write_json(out / "report.json", {"schema": "bastion-detect-evaluate/1", "detector": det.declaration(),
+                                            "n": len(idx), "seconds": round(seconds, 2),
+                                            "reports": [r.to_dict() for r in reports]})
+    print(f"{det.name} at FPR {det.fpr:g} (threshold {det.threshold:.6g}) on {len(idx)} {name}/{args.split} images "
+          f"in {seconds:.1f} s")
+    print(_detect_table(reports))
+    print(f"wrote {out}/: config.json, report.json")
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    args = _detect_reparse(args)
+    return cmd_detect_fit(args) if args.detect_command == "fit" else cmd_detect_evaluate(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "list": cmd_list, "train": cmd_train, "attack": cmd_attack, "evaluate": cmd_evaluate, "demo": cmd_demo,
-    "audit": cmd_audit, "report": cmd_report}
-
+    "audit": cmd_audit, "report": cmd_report, "detect": cmd_detect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
