@@ -1,18 +1,20 @@
 """`AuditReport`: what `bastion.audit` found, as JSON (``bastion-audit/1``), text and HTML.
 
 Schema of ``report.json`` (every accuracy is a fraction of the ``n`` audited examples unless a
-``"n"`` beside it says otherwise; the checks and curves run on a spread subset of ``check_n``)::
+``"n"`` beside it says otherwise; the checks and curves run on a spread subset of ``check_n``).
+The values shown are those of the masked digits defense of ``tests/test_audit.py`` (1-bit
+quantization in front of a TinyCNN, ``pytest tests/test_audit.py -k masked_defense -s``)::
 
     {
       "schema": "bastion-audit/1",
-      "threat": "linf:0.1", "n": 200, "budget": "quick",
+      "threat": "linf:0.2", "n": 100, "budget": "quick",
       "verdict": "naive 87.0% → adaptive 39.0%: this defense relies on obfuscated gradients ...",
       "clean_accuracy": 0.92,              # correct on every pass (one pass unless randomized)
-      "clean_accuracy_single_pass": 0.93,  # randomized defenses: mean accuracy of one pass; else null
-      "detector_fpr": 0.05 | null,         # clean inputs the detector flags
-      "naive_accuracy": 0.64,              # worst case over the naive suite (straight through the pipeline)
-      "adaptive_accuracy": 0.02,           # worst case over the adaptive suite (BPDA, EOT, detector loss)
-      "robust_accuracy": 0.02,             # worst case over every attack at the threat (both suites,
+      "clean_accuracy_single_pass": null,  # randomized defenses: mean accuracy of one pass; else null
+      "detector_fpr": null,                # clean inputs the detector flags (a detector only)
+      "naive_accuracy": 0.87,              # worst case over the naive suite (straight through the pipeline)
+      "adaptive_accuracy": 0.39,           # worst case over the adaptive suite (BPDA, EOT, detector loss)
+      "robust_accuracy": 0.30,             # worst case over every attack at the threat (both suites,
                                            # black-box, random sampling, convergence runs)
       "adaptive": {                        # how the defense was attacked, from its declarations
         "choices": ["bit-depth: not differentiable → BPDA (identity)", ...],
@@ -22,20 +24,22 @@ Schema of ``report.json`` (every accuracy is a fraction of the ``n`` audited exa
         "final_rule": "...how a prediction is counted...", "same_as_naive": false
       },
       "attacks": [                         # every attack run at the threat (and the curve's other radii)
-        {"label": "adaptive:pgd", "view": "adaptive", "name": "pgd", "config": {...}, "eps": 0.1,
-         "scope": "all" | "checks", "n_attacked": 185, "n_broken": 181, "accuracy": 0.02,
-         "time_s": 1.2}, ...],
+        {"label": "adaptive:pgd", "view": "adaptive", "name": "pgd", "config": {...}, "eps": 0.2,
+         "scope": "all" | "checks", "n_attacked": 92, "n_broken": 51, "accuracy": 0.41,
+         "time_s": 0.3}, ...],
       "checks": [                          # Athalye et al. 2018 §3.1, plus gradients, randomness, convergence
         {"name": "one_step_vs_iterative", "view": "naive" | "adaptive" | "both" | "system",
          "status": "pass" | "warning" | "info" | "skipped", "message": "...", "evidence": {...}}, ...],
-      "curve": [{"eps": 0.05, "naive": 0.7, "adaptive": 0.3}, ...],     # accuracy vs eps (check subset)
-      "convergence": {"n": 100, "steps": [[5, 0.3], [10, 0.2], ...], "restarts": [[1, 0.2], ...]},
-      "loss_histogram": {"steps": 20, "starts": 8, "losses": [[...per start...], ...]} | null,
-      "per_example": {"label": [...], "clean_correct": [...], "naive_robust": [...],
+      "curve": [{"eps": 0.1, "naive": 0.88, "adaptive": 0.68}, ...],   # accuracy vs eps (check subset)
+      "convergence": {"n": 100, "view": "adaptive", "steps": [..., [20, 0.41], [40, 0.40]],
+                      "restarts": [[1, 0.41], ...]},
+      "loss_histogram": {"steps": 20, "starts": 8, "view": "adaptive",
+                         "losses": [[...one per start...], ...one row per example]} | null,
+      "per_example": {"label": [...], "clean_pred": [...], "clean_correct": [...], "naive_robust": [...],
                       "adaptive_robust": [...], "robust": [...], "broken_by": [...]},
       "examples": {"shape": [k, C, H, W], "x": base64 float16, "x_adv": base64 float16,
                    "y": [...], "clean_pred": [...], "adv_pred": [...], "classes": [...] | null} | null,
-      "notes": ["..."], "config": {...}, "time_s": 31.4
+      "notes": ["..."], "config": {...}, "time_s": 6.1
     }
 """
 
