@@ -124,3 +124,24 @@ def test_sharded_evaluate_equals_single_process(tmp_path):
     for r in range(2):
         lines = (tmp_path / f"state.jsonl.rank{r}-of-2").read_text().splitlines()
         assert len(lines) == 1 + 3  # header + 3 batch records
+
+
+def test_cli_evaluate_under_torchrun_writes_once(tmp_path):
+    """`bastion evaluate` under 2 processes: one report, equal to the single-process CLI run."""
+    model = tmp_path / "model"
+    p = _run([*COMMON[:COMMON.index("--epochs")], "--epochs", "1", "--batch-size", "64", "--seed", "2",
+              "--no-progress", "--model-opt", "delay=0", "--out", str(model)])
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    args = ["evaluate", "--model-path", str(model), "--data", "digits", "--threat", "linf:0.1", "--attack", "fgsm",
+            "--attack", "pgd", "--attack-opt", "pgd:steps=3", "--limit", "100", "--batch-size", "16", "--grid", "0", "--no-progress",
+            "--channels-last"]
+    one = _run([*args, "--out", str(tmp_path / "one")])
+    assert one.wait(timeout=300) == 0, one.stderr.read()
+    two = _run([*args, "--out", str(tmp_path / "two")], nproc=2)
+    assert two.wait(timeout=300) == 0, two.stderr.read()
+    a = json.loads((tmp_path / "one" / "report.json").read_text())
+    b = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert a["per_example"] == b["per_example"] and a["n"] == b["n"] == 100
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["evaluation"]["processes"] == 2
+    assert sorted(f.name for f in (tmp_path / "two").iterdir() if f.name.startswith("state")) == \
+        ["state.jsonl.rank0-of-2", "state.jsonl.rank1-of-2"]
