@@ -271,7 +271,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--epochs", type=_positive_int, default=6)
     p.add_argument("--eval-limit", type=_nonnegative_int, default=200, metavar="N",
                    help="attack N of the 1,000 test images, evenly spaced so every class is in (default 200, to keep "
-                        "the demo within about 3 minutes on 2 CPU cores; 1000 for all; 0 skips the evaluation)")
+                        "the demo short: surviving examples cost every attack its full budget; 1000 for all; 0 skips "
+                        "the evaluation, before and after hardening)")
     p.add_argument("--harden", choices=DEMO_HARDENERS, default="fast-at",
                    help="after the attack, fine-tune the model with this training defense and attack it again "
                         "(default fast-at: Wong et al. 2020's FGSM with random start, the fastest that works here; "
