@@ -23,7 +23,8 @@ Defenses (``"name:key=value,..."``, the name looked up in this order):
   `TrainConfig` (``epochs``, ``lr``, ``batch_size``, ``optimizer``, ``schedule``, ...) go to
   the loop, the others to the objective; an adversarial objective trains at the harden
   threat unless given ``eps``/``threat``. Defaults of the fine-tune: 2 epochs, SGD (Nesterov)
-  with peak lr 0.02, batch 64 (the demo's hardening fine-tune), the paper's schedule;
+  with peak lr 0.02, batch 64 (the demo's hardening fine-tune), the paper's schedule. The
+  classifier is fine-tuned on the raw images, not through transforms already in the pipeline;
 * an **input transform** (`bastion.defenses.transforms`, e.g. ``jpeg:quality=75``): appended to
   the pipeline's transforms (`Defended`);
 * a **detector** (`bastion.defenses.detectors`, e.g. ``kde``): fit on `train` images, calibrated
@@ -288,8 +289,8 @@ def _pool_attacks(pool: Sequence[Any], steps: int) -> list[Attack]:
         if isinstance(entry, Attack):
             out.append(entry)
         elif isinstance(entry, str):
-            out.append(create_attack(entry, steps=steps) if entry.lower() in ("pgd", "bim", "mifgsm", "apgd")
-                       else create_attack(entry))
+            fields = {f.name for f in dataclasses.fields(create_attack(entry))}
+            out.append(create_attack(entry, steps=steps) if "steps" in fields else create_attack(entry))
         elif isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str):
             out.append(create_attack(entry[0], **dict(entry[1])))
         else:
