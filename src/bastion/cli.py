@@ -347,7 +347,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--epochs", type=_positive_int, default=6)
     p.add_argument("--eval-limit", type=_nonnegative_int, default=200, metavar="N",
                    help="attack N of the 1,000 test images, evenly spaced so every class is in (default 200, to keep "
-                        "the demo within about 3 minutes on 2 CPU cores; 1000 for all; 0 skips the evaluation)")
+                        "the demo short: surviving examples cost every attack its full budget; 1000 for all; 0 skips "
+                        "the evaluation, before and after hardening)")
     p.add_argument("--harden", choices=DEMO_HARDENERS, default="fast-at",
                    help="after the attack, fine-tune the model with this training defense and attack it again "
                         "(default fast-at: Wong et al. 2020's FGSM with random start, the fastest that works here; "
@@ -359,7 +360,81 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     subs["demo"] = p
     _add_detect_parsers(sub, subs)
+    _add_harden_transfer_parsers(sub, subs)
     return parser, subs
+
+
+def _add_harden_transfer_parsers(sub: Any, subs: dict[str, argparse.ArgumentParser]) -> None:
+    """`bastion harden` and `bastion transfer`."""
+    p = sub.add_parser("harden", help="apply defenses one at a time until an adaptive attack's success meets a target",
+                       description="Attack the model with a pool of attacks, naive and adaptive (BPDA, EOT, detector "
+                                   "loss, from the declarations); while the adaptive success rate is above --target, "
+                                   "apply the next --defense (a training objective fine-tunes the model, a transform "
+                                   "goes in front of it, a detector is fit and attached; a+b: both in one round) and "
+                                   "attack again. Writes config.json, report.json, report.html (and the fine-tuned "
+                                   "model as DIR/model) into --out.")
+    p.add_argument("--config", metavar="FILE", help="TOML file of option values (flags override it)")
+    p.add_argument("--model", default=None, metavar="RUN_DIR", help="a run folder of `bastion train` (required)")
+    p.add_argument("--defense", action="append", default=[], metavar="NAME[:K=V,...]",
+                   help="a defense of the list, repeatable, applied in order, e.g. --defense fast-at:epochs=2 "
+                        "--defense jpeg:quality=75 --defense kde (TrainConfig keys such as epochs, lr go to the "
+                        "fine-tune; a+b applies both in one round)")
+    p.add_argument("--target", type=float, default=0.5, metavar="RATE",
+                   help="attack-success rate to reach, in [0, 1] (default 0.5)")
+    p.add_argument("--attack", action="append", default=[], metavar="NAME",
+                   help="an attack of the pool, repeatable (default: fgsm and pgd)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="steps of the iterative attacks (default 20)")
+    p.add_argument("--threat", default=None, metavar="NORM:EPS", help="threat model, e.g. linf:0.2 (required)")
+    p.add_argument("--data", default=None, metavar="NAME",
+                   help="dataset (default: the one the --model run was trained on); its train split feeds "
+                        "fine-tunes and detectors, its --split is attacked")
+    p.add_argument("--split", choices=("train", "test"), default="test", help="split to attack (default test)")
+    p.add_argument("--data-root", default=None, metavar="DIR")
+    p.add_argument("--no-download", dest="download", action="store_false")
+    p.add_argument("--n", type=_positive_int, default=200, help="examples attacked per round (default 200)")
+    p.add_argument("--train-limit", type=_positive_int, default=None, metavar="N",
+                   help="use the first N training images for fine-tunes and detectors (default all)")
+    p.add_argument("--eot", type=_positive_int, default=8, help="EOT draws for randomized pipelines (default 8)")
+    p.add_argument("--passes", type=_positive_int, default=4,
+                   help="forward passes judging a randomized pipeline (default 4)")
+    p.add_argument("--detector-fpr", type=float, default=0.05, metavar="RATE")
+    p.add_argument("--detector-fit", type=_positive_int, default=1000, metavar="N")
+    p.add_argument("--detector-calibrate", type=_positive_int, default=500, metavar="N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default runs/harden-<data>-<time>); an existing report is never overwritten")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the fine-tunes' progress bars")
+    subs["harden"] = p
+
+    p = sub.add_parser("transfer", help="transfer-success matrix: examples crafted on surrogates, tested on targets",
+                       description="Craft adversarial examples on each --surrogate (and, with --ensemble, on all of "
+                                   "them together) with each --attack, then classify them with every --target; an "
+                                   "entry is the fraction of the examples the target classifies correctly that are "
+                                   "fooled. Writes config.json, report.json and report.html into --out.")
+    p.add_argument("--config", metavar="FILE", help="TOML file of option values (flags override it)")
+    p.add_argument("--surrogate", action="append", default=[], metavar="RUN_DIR", help="a surrogate model, repeatable")
+    p.add_argument("--target", action="append", default=[], metavar="RUN_DIR", help="a target model, repeatable")
+    p.add_argument("--ensemble", action="store_true", help="also craft on the ensemble of all surrogates")
+    p.add_argument("--combine", choices=("logits", "probs", "loss"), default="logits",
+                   help="how the ensemble combines its members (default logits)")
+    p.add_argument("--attack", action="append", default=[], metavar="NAME",
+                   help="an attack, repeatable (default: fgsm, pgd, mifgsm)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="steps of the iterative attacks (default 20)")
+    p.add_argument("--threat", default=None, metavar="NORM:EPS", help="threat model, e.g. linf:0.1 (required)")
+    p.add_argument("--data", default=None, metavar="NAME",
+                   help="dataset (default: the one the first --surrogate was trained on)")
+    p.add_argument("--split", choices=("train", "test"), default="test")
+    p.add_argument("--data-root", default=None, metavar="DIR")
+    p.add_argument("--no-download", dest="download", action="store_false")
+    p.add_argument("--n", type=_positive_int, default=500, help="examples, spread evenly over the split (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default runs/transfer-<data>-<time>); an existing report is never overwritten")
+    subs["transfer"] = p
 
 
 # ----------------------------------------------------------------------------- commands
@@ -1388,9 +1463,128 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return cmd_detect_fit(args) if args.detect_command == "fit" else cmd_detect_evaluate(args)
 
 
+# ----------------------------------------------------------------------------- harden / transfer
+
+
+def _model_names(paths: Sequence[str]) -> list[str]:
+    """Short unique names for model paths: the folder names, made unique with -2, -3."""
+    names: list[str] = []
+    for p in paths:
+        path = Path(p)
+        base = path.name if path.name not in ("model", "") else path.parent.name
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+def _fresh_out(out: Path | None, command: str, data_name: str) -> Path:
+    if out is None:
+        out = Path("runs") / f"{command}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "report.json").exists():
+        raise FileExistsError(f"output folder {out} already holds a report (report.json); choose another --out "
+                              "(nothing is overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def cmd_harden(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_write_json, save_model
+    from .data import load_dataset
+    from .evaluation.harden import harden, parse_defense
+    from .threat import ThreatModel
+
+    if args.model is None:
+        raise ValueError("--model RUN_DIR is required (a run folder of `bastion train`)")
+    if args.threat is None:
+        raise ValueError("--threat is required, e.g. --threat linf:0.2")
+    ThreatModel.parse(args.threat)
+    if not args.defense:
+        raise ValueError("give at least one --defense (e.g. --defense fast-at:epochs=2 --defense jpeg:quality=75)")
+    for spec in args.defense:
+        for part in spec.split("+"):
+            parse_defense(part)  # bad names fail before anything is loaded
+    ns = argparse.Namespace(threat=args.threat, model_path=args.model, model=None, model_opt=[], data=args.data,
+                            split=args.split, data_root=args.data_root, download=args.download, limit=None,
+                            seed=args.seed, device=args.device)
+    model, data, model_info = _eval_model_and_data(ns)
+    train = load_dataset(data.name, "train", args.data_root, args.download).take(args.train_limit)
+    out = _fresh_out(Path(args.out) if args.out else None, "harden", data.name)
+    cli = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    atomic_write_json(out / "config.json", {"command": "harden", "argv": list(getattr(args, "argv", sys.argv[1:])),
+                                            "cli": cli, "model": model_info, "data": data.meta(),
+                                            "train": train.meta()})
+    report = harden(model, data, args.threat, pool=args.attack or ("fgsm", "pgd"), target=args.target,
+                    defenses=args.defense, train=train, n=args.n, steps=args.steps, seed=args.seed, eot=args.eot,
+                    passes=args.passes, batch_size=args.batch_size, detector_fpr=args.detector_fpr,
+                    detector_fit=args.detector_fit, detector_calibrate=args.detector_calibrate,
+                    progress=args.progress)
+    report.config["argv"] = list(getattr(args, "argv", sys.argv[1:]))
+    report.save(out / "report.json")
+    report.save_html(out / "report.html")
+    written = "config.json, report.json, report.html"
+    if any("training" in r.kinds for r in report.rounds):
+        pipe = report.pipeline
+        final = getattr(pipe, "model", pipe)
+        save_model(out / "model", final, getattr(final, "spec", None))
+        written += ", model (the fine-tuned classifier)"
+    print(report.table())
+    print(f"wrote {out}/: {written}")
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_write_json, load_model
+    from .data import load_dataset
+    from .defenses.training.trainer import resolve_device
+    from .evaluation import transfer
+    from .threat import ThreatModel
+
+    if not args.surrogate or not args.target:
+        raise ValueError("give at least one --surrogate RUN_DIR and one --target RUN_DIR")
+    if args.threat is None:
+        raise ValueError("--threat is required, e.g. --threat linf:0.1")
+    ThreatModel.parse(args.threat)
+    for p in [*args.surrogate, *args.target]:
+        if not Path(p).exists() and not Path(p).with_suffix(".json").exists():
+            raise FileNotFoundError(f"model {p} not found: give a run folder of `bastion train` or RUN/model")
+    trained_on = _run_config(Path(args.surrogate[0])).get("data") or {}
+    name = args.data or (trained_on.get("test") or trained_on.get("train") or {}).get("name")
+    if not name:
+        raise ValueError("--data is required (the surrogate's run folder does not say which dataset it was trained on)")
+    data = load_dataset(name, args.split, args.data_root, args.download)
+    dev = resolve_device(args.device)
+    cache: dict[str, Any] = {}
+
+    def load(p: str) -> Any:
+        key = str(Path(p).resolve())
+        if key not in cache:
+            cache[key] = load_model(p).to(dev)
+        return cache[key]
+
+    sur = dict(zip(_model_names(args.surrogate), map(load, args.surrogate)))
+    tgt = dict(zip(_model_names(args.target), map(load, args.target)))
+    out = _fresh_out(Path(args.out) if args.out else None, "transfer", data.name)
+    cli = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    atomic_write_json(out / "config.json", {"command": "transfer", "argv": list(getattr(args, "argv", sys.argv[1:])),
+                                            "cli": cli, "data": data.meta()})
+    report = transfer(sur, tgt, data, args.threat, attacks=args.attack or ("fgsm", "pgd", "mifgsm"),
+                      ensemble=args.ensemble, combine=args.combine, n=args.n, steps=args.steps, seed=args.seed,
+                      batch_size=args.batch_size)
+    report.config["argv"] = list(getattr(args, "argv", sys.argv[1:]))
+    report.config["models"] = {"surrogates": dict(zip(sur, args.surrogate)), "targets": dict(zip(tgt, args.target))}
+    report.save(out / "report.json")
+    report.save_html(out / "report.html")
+    print(report.table())
+    print(f"wrote {out}/: config.json, report.json, report.html")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "list": cmd_list, "train": cmd_train, "attack": cmd_attack, "evaluate": cmd_evaluate, "demo": cmd_demo,
-    "audit": cmd_audit, "report": cmd_report, "detect": cmd_detect}
+    "audit": cmd_audit, "report": cmd_report, "detect": cmd_detect, "harden": cmd_harden,
+    "transfer": cmd_transfer}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
