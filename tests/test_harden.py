@@ -46,7 +46,8 @@ def test_rounds_are_recorded_and_the_loop_stops_when_the_target_is_met(loop):
     assert [r.kinds for r in loop.rounds] == [[], ["transform"], ["training"]]
     assert loop.rounds[2].pipeline == ["bit-depth:bits=1", "fast-at:epochs=3,lr=0.01"]
     assert [r.met for r in loop.rounds] == [False, False, True] and loop.met
-    assert loop.final.adaptive_success <= 0.5 < loop.rounds[1].adaptive_success
+    assert loop.final.success <= 0.5 < loop.rounds[1].success
+    assert all(r.success >= max(r.naive_success, r.adaptive_success) for r in loop.rounds)
     for r in loop.rounds:
         assert 0.5 < r.clean_accuracy <= 1.0 and r.time_s >= r.attack_time_s > 0
         assert {a["label"] for a in r.attacks} >= {"naive:fgsm", "naive:pgd"}
@@ -117,3 +118,14 @@ def test_cli_harden(tmp_path, capsys):
     assert main(["-q", "harden", "--model", str(run), "--threat", "linf:0.2", "--defense", "nope",
                  "--out", str(tmp_path / "x")]) == 2
     assert "unknown defense 'nope'" in capsys.readouterr().err
+
+
+def test_detector_round_uses_the_detector_loss_and_is_refit_after_training(digits_model, digits, train_ds):
+    report = harden(digits_model, (digits["x_test"], digits["y_test"]), "linf:0.1", target=0.0, train=train_ds,
+                    n=60, steps=5, detector_fit=400, detector_calibrate=200, defenses=["kde", "fast-at:epochs=1"])
+    r1, r2 = report.rounds[1], report.rounds[2]
+    assert r1.kinds == ["detector"] and r1.techniques == ["the kde detector's loss"]
+    assert "adaptive:detector-pgd" in {a["label"] for a in r1.attacks}
+    assert r1.success >= max(r1.adaptive_success, r1.naive_success)  # worst case over both views
+    assert "detector kde re-fit on the fine-tuned classifier" in r2.notes
+    assert report.pipeline.detector is not None and report.pipeline.model is not digits_model

@@ -10,10 +10,11 @@ The loop (one round per defense of the list, plus round 0 for the model as given
 2. the **success rate** of a view is the fraction of the correctly classified examples that
    some attack of the pool turned into a misclassified, undetected input (worst case per example,
    judged on the real pipeline, over ``passes`` forward passes when it is randomized);
-3. if the *adaptive* success rate is at most the target, stop; otherwise apply the next defense
+3. if the success rate — worst case per example over both views, so in practice the adaptive
+   one — is at most the target, stop; otherwise apply the next defense
    and go to 1.
 
-Only the adaptive number decides: a defense that merely masks gradients (JPEG, bit-depth
+The naive number alone never decides: a defense that merely masks gradients (JPEG, bit-depth
 reduction) lowers the naive number and fools a loop that trusts it, but not this one.
 
 Defenses (``"name:key=value,..."``, the name looked up in this order):
@@ -135,7 +136,9 @@ class HardenRound:
         clean_accuracy: of the pipeline on the ``n`` examples (every pass right, if randomized).
         naive_success, adaptive_success: fraction of the correctly classified examples that some
             attack of the pool broke (misclassified and not flagged), naive / adaptive view.
-        met: adaptive_success ≤ target.  naive_met: what a loop trusting the naive number would say.
+        success: the worst case per example over both views (what decides; a weak BPDA stand-in
+            can never make the loop stop early).
+        met: success ≤ target.  naive_met: what a loop trusting the naive number would say.
         techniques: what the adaptive attack needed ("BPDA through jpeg", "EOT over 8 draws").
         attacks: per attack: label, view, success rate alone, time.
         train_time_s, attack_time_s, time_s: seconds spent applying the defense, attacking, both.
@@ -149,6 +152,7 @@ class HardenRound:
     clean_accuracy: float
     naive_success: float | None
     adaptive_success: float | None
+    success: float | None
     met: bool
     naive_met: bool
     techniques: list[str]
@@ -225,10 +229,11 @@ class HardenReport:
 
     def table(self) -> str:
         """The rounds as a text table, then the verdict."""
-        rows = [["round", "defense", "clean", "naive success", "adaptive success", "target met", "time"]]
+        rows = [["round", "defense", "clean", "naive success", "adaptive success", "worst case", "target met",
+                 "time"]]
         for r in self.rounds:
             rows.append([str(r.round), r.defense or "(as given)", _pct(r.clean_accuracy), _pct(r.naive_success),
-                         _pct(r.adaptive_success), "yes" if r.met else "no", f"{r.time_s:.1f} s"])
+                         _pct(r.adaptive_success), _pct(r.success), "yes" if r.met else "no", f"{r.time_s:.1f} s"])
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -247,18 +252,21 @@ def render_harden(report: HardenReport) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>Bastion harden — {_e(format_threat(r.threat))}</title>", f"<style>{_CSS}</style></head><body>",
            "<h1>Bastion hardening loop</h1>",
-           f'<p class="sub">{_e(format_threat(r.threat))} · target attack success ≤ {hpct(r.target)} · {r.n} examples'
+           f'<p class="sub">{_e(format_threat(r.threat))} · target attack success ≤ {hpct(r.target)} · '
+           f"{r.n} examples"
            f" · {r.time_s:.1f} s</p>",
            f'<div class="verdict {"v-ok" if r.met else "v-bad"}" id="verdict">{_e(r.verdict)}</div>',
            "<h2>Rounds</h2><p class='ev'>Success rate: the fraction of the correctly classified examples that some "
-           "attack of the pool turned into a misclassified, undetected input. Only the adaptive number (BPDA, EOT, "
-           "detector loss, from the declarations) decides whether the target is met.</p>",
+           "attack of the pool turned into a misclassified, undetected input. The worst case over both views "
+           "(in practice the adaptive one: BPDA, EOT, detector loss, from the declarations) decides whether the "
+           "target is met.</p>",
            "<table id='rounds'><tr><th>round</th><th>defense applied</th><th>clean accuracy</th><th>naive success</th>"
-           "<th>adaptive success</th><th>target met</th><th>adaptive attack</th><th>time</th></tr>"]
+           "<th>adaptive success</th><th>worst case</th><th>target met</th><th>adaptive attack</th><th>time</th></tr>"]
     for rd in r.rounds:
         out.append(f"<tr><td class='num'>{rd.round}</td><td>{_e(rd.defense or '(as given)')}</td>"
                    f"<td class='num'>{hpct(rd.clean_accuracy)}</td><td class='num'>{hpct(rd.naive_success)}</td>"
-                   f"<td class='num'>{hpct(rd.adaptive_success)}</td><td>{'yes' if rd.met else 'no'}"
+                   f"<td class='num'>{hpct(rd.adaptive_success)}</td><td class='num'>{hpct(rd.success)}</td>"
+                   f"<td>{'yes' if rd.met else 'no'}"
                    f"{' (naive: yes)' if rd.naive_met and not rd.met else ''}</td>"
                    f"<td>{_e(', '.join(rd.techniques) or 'same as naive')}</td>"
                    f"<td class='num'>{rd.time_s:.1f} s</td></tr>")
@@ -294,7 +302,8 @@ def _pool_attacks(pool: Sequence[Any], steps: int) -> list[Attack]:
         elif isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str):
             out.append(create_attack(entry[0], **dict(entry[1])))
         else:
-            raise ValueError(f"`pool[{i}]` must be an Attack, a registered attack name or (name, kwargs), got {entry!r}")
+            raise ValueError(f"`pool[{i}]` must be an Attack, a registered attack name or (name, kwargs), "
+                             f"got {entry!r}")
     if not out:
         raise ValueError("`pool` must hold at least one attack")
     return out
@@ -341,7 +350,8 @@ def _finetune(model: nn.Module, name: str, kw: dict[str, Any], train: Any, threa
     tuned.eval()
     if frozen:
         tuned.requires_grad_(False)
-    notes.append(f"fine-tuned with {name} ({', '.join(f'{k}={v}' for k, v in objective.config().items() if k != 'name')}"
+    opts = ", ".join(f"{k}={v}" for k, v in objective.config().items() if k != "name")
+    notes.append(f"fine-tuned with {name} ({opts}"
                  f"), {epochs} epoch(s), lr {cfg.lr}, schedule {schedule}, on {len(train)} training images")
     return tuned, notes
 
@@ -471,11 +481,11 @@ def harden(model: nn.Module, data: Any, threat: ThreatModel | str, *, pool: Sequ
     t = format_threat(str(threat))
     if last.met:
         how = "the model as given" if last.round == 0 else " → ".join(last.pipeline)
-        verdict = (f"target met in round {last.round} ({how}): adaptive attack success {_pct(last.adaptive_success)} "
+        verdict = (f"target met in round {last.round} ({how}): attack success {_pct(last.success)} "
                    f"≤ {_pct(float(target))} at {t}, clean accuracy {_pct(last.clean_accuracy)}")
     else:
-        verdict = (f"target not met: the defense list is exhausted after {len(rounds) - 1} round(s); adaptive attack "
-                   f"success {_pct(last.adaptive_success)} > {_pct(float(target))} at {t}")
+        verdict = (f"target not met: the defense list is exhausted after {len(rounds) - 1} round(s); attack "
+                   f"success {_pct(last.success)} > {_pct(float(target))} at {t}")
     fooled = [rd.round for rd in rounds if rd.naive_met and not rd.met]
     if fooled:
         verdict += (f"; the naive attack alone would have declared the target met in round(s) "
@@ -529,12 +539,13 @@ def _attack_round(r: int, defense: str | None, kinds: list[str], pipeline: list[
                              "config": run.config, "success": int(broken.sum()) / n_ok if n_ok else None,
                              "time_s": round(run.time_s, 3)})
     rate = {v: (int(per_view[v].sum()) / n_ok if n_ok else None) for v in views}
-    adaptive = rate["adaptive"]
-    met = adaptive is not None and adaptive <= target + 1e-12
+    worst = int((per_view["naive"] | per_view["adaptive"]).sum()) / n_ok if n_ok else None
+    met = worst is not None and worst <= target + 1e-12
     naive_met = rate["naive"] is not None and rate["naive"] <= target + 1e-12
     if n_ok == 0:
         notes = [*notes, "no example is classified correctly: nothing to attack, the target counts as not met"]
     return HardenRound(round=r, defense=defense, kinds=kinds, pipeline=list(pipeline),
-                       clean_accuracy=n_ok / len(clean_ok), naive_success=rate["naive"], adaptive_success=adaptive,
-                       met=met, naive_met=naive_met, techniques=list(plan.techniques) or [], attacks=rows,
+                       clean_accuracy=n_ok / len(clean_ok), naive_success=rate["naive"],
+                       adaptive_success=rate["adaptive"], success=worst, met=met, naive_met=naive_met,
+                       techniques=list(plan.techniques), attacks=rows,
                        train_time_s=0.0, attack_time_s=0.0, time_s=0.0, notes=notes)

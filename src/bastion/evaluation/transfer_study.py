@@ -166,7 +166,8 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def _named(models: Mapping[str, nn.Module] | Sequence[nn.Module] | nn.Module, arg: str, prefix: str) -> dict[str, nn.Module]:
+def _named(models: Mapping[str, nn.Module] | Sequence[nn.Module] | nn.Module, arg: str,
+           prefix: str) -> dict[str, nn.Module]:
     if isinstance(models, nn.Module):
         models = [models]
     if isinstance(models, Mapping):
@@ -174,7 +175,8 @@ def _named(models: Mapping[str, nn.Module] | Sequence[nn.Module] | nn.Module, ar
     elif isinstance(models, Sequence) and not isinstance(models, str):
         out = {f"{prefix}{i}": m for i, m in enumerate(models)}
     else:
-        raise TypeError(f"`{arg}` must be a model, a list of models or a dict name -> model, got {type(models).__name__}")
+        raise TypeError(f"`{arg}` must be a model, a list of models or a dict name -> model, "
+                        f"got {type(models).__name__}")
     if not out:
         raise ValueError(f"`{arg}` must hold at least one model")
     for k, m in out.items():
