@@ -207,12 +207,9 @@ class AuditReport:
 
     def save(self, path: str | Path) -> Path:
         """Write ``report.json`` atomically (readers see the old file or the new one)."""
-        from ..checkpoint import _atomic_write_bytes
+        from ..checkpoint import atomic_write_text
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, (self.to_json() + "\n").encode("utf-8"))
-        return path
+        return atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "AuditReport":
@@ -234,12 +231,9 @@ class AuditReport:
         return render_audit(self)
 
     def save_html(self, path: str | Path) -> Path:
-        from ..checkpoint import _atomic_write_bytes
+        from ..checkpoint import atomic_write_text
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, self.to_html().encode("utf-8"))
-        return path
+        return atomic_write_text(path, self.to_html())
 
     # ------------------------------------------------------------------ text
     def table(self) -> str:

@@ -205,12 +205,9 @@ class HardenReport:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False, allow_nan=False)
 
     def save(self, path: str | Path) -> Path:
-        from ..checkpoint import _atomic_write_bytes
+        from ..checkpoint import atomic_write_text
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, (self.to_json() + "\n").encode("utf-8"))
-        return path
+        return atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "HardenReport":
@@ -220,12 +217,9 @@ class HardenReport:
         return render_harden(self)
 
     def save_html(self, path: str | Path) -> Path:
-        from ..checkpoint import _atomic_write_bytes
+        from ..checkpoint import atomic_write_text
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, self.to_html().encode("utf-8"))
-        return path
+        return atomic_write_text(path, self.to_html())
 
     def table(self) -> str:
         """The rounds as a text table, then the verdict."""

@@ -98,12 +98,9 @@ class TransferReport:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     def save(self, path: str | Path) -> Path:
-        from ..checkpoint import _atomic_write_bytes
+        from ..checkpoint import atomic_write_text
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, (self.to_json() + "\n").encode("utf-8"))
-        return path
+        return atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "TransferReport":
@@ -154,12 +151,9 @@ class TransferReport:
         return "\n".join(out)
 
     def save_html(self, path: str | Path) -> Path:
-        from ..checkpoint import _atomic_write_bytes
+        from ..checkpoint import atomic_write_text
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, self.to_html().encode("utf-8"))
-        return path
+        return atomic_write_text(path, self.to_html())
 
 
 def _pct(v: float | None) -> str:
