@@ -35,13 +35,6 @@ TINY = AuditBudget("tiny", steps=10, square_queries=60, check_n=40, random_sampl
                    eot=4, passes=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def test_data(digits):

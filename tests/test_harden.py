@@ -17,13 +17,6 @@ from bastion.evaluation import HardenReport, harden
 from bastion.evaluation.harden import parse_defense
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def train_ds(digits):

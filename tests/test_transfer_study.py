@@ -15,13 +15,6 @@ from bastion.evaluation import TransferReport, transfer
 from conftest import train_tiny
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def mlp(digits):
