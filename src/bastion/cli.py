@@ -1082,25 +1082,26 @@ def _print_reports(report: Any) -> None:
     print(report.table())
 
 
-def cmd_attack(args: argparse.Namespace) -> int:
+def _run_and_print(args: argparse.Namespace, command: str, files: str, naive_files: str) -> int:
+    """`bastion attack` / `bastion evaluate`: run, then (rank 0 only under torchrun) print and list the files."""
     from . import distributed as D
 
-    report, out = run_evaluation(args, "attack")
+    report, out = run_evaluation(args, command)
     if not D.is_main():
         return 0
     _print_reports(report)
-    print(f"wrote {out}/: config.json, adversarial.safetensors, report.json"
-          + (", report-naive.json" if (out / "report-naive.json").exists() else "")
+    print(f"wrote {out}/: {files}" + (f", {naive_files}" if (out / "report-naive.json").exists() else "")
           + (", grid.png" if (out / "grid.png").exists() else ""))
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import distributed as D
+def cmd_attack(args: argparse.Namespace) -> int:
+    return _run_and_print(args, "attack", "config.json, adversarial.safetensors, report.json", "report-naive.json")
 
-    report, out = run_evaluation(args, "evaluate")
-    if not D.is_main():
-        return 0
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    return _run_and_print(args, "evaluate", "config.json, state.jsonl, report.json",
+                          "state-naive.jsonl, report-naive.json")
     _print_reports(report)
     print(f"wrote {out}/: config.json, state.jsonl, report.json"
           + (", state-naive.jsonl, report-naive.json" if (out / "report-naive.json").exists() else "")
