@@ -32,26 +32,37 @@ def logit_gradients(model: nn.Module, x: Tensor, weights: Tensor, *,
     numbers are the same either way. ``batched`` forces the choice (None: by device).
     Gradients are w.r.t. the input only: no parameter ``.grad`` is written.
     """
+    xg, logits = _forward_with_graph(model, x)
+    return logits.detach(), _input_vjps(logits, xg, weights, batched=batched)
+
+
+def _forward_with_graph(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The input (a fresh leaf that requires grad) and the model's logits with their graph."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        logits = model(xg)
+        return xg, model(xg)
+
+
+def _input_vjps(logits: Tensor, xg: Tensor, weights: Tensor, *, batched: bool | None = None) -> Tensor:
+    """∂(weights[m] · logits)/∂xg for each m, (M, *xg.shape), detached (see `logit_gradients`)."""
+    with torch.enable_grad():
         weights = weights.to(logits.dtype)
         grads = None
         if batched is None:
-            batched = x.device.type != "cpu"
+            batched = xg.device.type != "cpu"
         if batched and weights.shape[0] > 1:
             try:
                 (grads,) = torch.autograd.grad(logits, [xg], weights, retain_graph=True, is_grads_batched=True,
                                                allow_unused=True)
                 if grads is None:  # the output does not depend on x at all
-                    grads = xg.new_zeros((weights.shape[0], *x.shape))
+                    grads = xg.new_zeros((weights.shape[0], *xg.shape))
             except (RuntimeError, NotImplementedError):  # vmap cannot batch some op of the model
                 grads = None
         if grads is None:
             grads = torch.stack([_grad_or_zero(torch.autograd.grad(logits, [xg], w, retain_graph=True,
                                                                    allow_unused=True)[0], xg)
-                                 for w in weights]) if weights.shape[0] else xg.new_zeros((0, *x.shape))
-    return logits.detach(), grads.detach()
+                                 for w in weights]) if weights.shape[0] else xg.new_zeros((0, *xg.shape))
+    return grads.detach()
 
 
 def _grad_or_zero(g: Tensor | None, like: Tensor) -> Tensor:
@@ -137,14 +148,24 @@ class DeepFool(Attack):
         active = torch.arange(n, device=x.device)
         for _ in range(self.steps):
             xa, ya = x_adv[active], y[active]
+            xg, z = _forward_with_graph(model, xa)
+            still = z.detach().argmax(dim=1) == ya
+            n_left = int(still.sum())
+            if n_left == 0:
+                break
             # weights[m, i] = e_{cand[i, m]} − e_{y_i}: gradient m of example i is ∇(z_k − z_y)
             weights = (eye[cand[active]] - eye[ya].unsqueeze(1)).transpose(0, 1)
-            z, w = logit_gradients(model, xa, weights)
-            still = z.argmax(dim=1) == ya
-            if not bool(still.all()):  # those misclassified keep x_adv as it is
-                active, xa, ya, z, w = active[still], xa[still], ya[still], z[still], w[:, still]
-                if active.numel() == 0:
-                    break
+            if n_left == xa.shape[0]:
+                w, z = _input_vjps(z, xg, weights), z.detach()
+            else:  # the misclassified keep x_adv as it is and leave the batch
+                if n_cand * (xa.shape[0] - n_left) > n_left:
+                    # a forward pass over the survivors costs less than the n_cand backward rows the
+                    # finished examples would take through the whole batch's graph
+                    xg, z = _forward_with_graph(model, xa[still])
+                    w, z = _input_vjps(z, xg, weights[:, still]), z.detach()
+                else:
+                    w, z = _input_vjps(z, xg, weights)[:, still], z.detach()[still]
+                active, xa, ya = active[still], xa[still], ya[still]
             f = z.gather(1, cand[active]) - z.gather(1, ya.unsqueeze(1))  # (A, n_cand), all <= 0
             w = w.transpose(0, 1).flatten(2)  # (A, n_cand, D)
             if threat.norm is Norm.L2:
