@@ -145,3 +145,31 @@ def test_cli_evaluate_under_torchrun_writes_once(tmp_path):
     assert json.loads((tmp_path / "two" / "config.json").read_text())["evaluation"]["processes"] == 2
     assert sorted(f.name for f in (tmp_path / "two").iterdir() if f.name.startswith("state")) == \
         ["state.jsonl.rank0-of-2", "state.jsonl.rank1-of-2"]
+
+
+def _audit_outcomes(path: Path) -> dict:
+    """What an audit found, per attack run and per check, without the times."""
+    r = json.loads(path.read_text())
+    runs = [{k: v for k, v in run.items() if "time" not in k} for run in r["attacks"]]
+    checks = r["checks"]
+    return {"verdict": r["verdict"], "runs": runs, "checks": checks, "clean": r["clean_accuracy"]}
+
+
+def test_cli_audit_under_torchrun_equals_one_process(tmp_path):
+    """`bastion audit` under 2 processes: one report (rank 0 writes) with the one-process results."""
+    model = tmp_path / "model"
+    p = _run([*COMMON[:COMMON.index("--epochs")], "--epochs", "1", "--batch-size", "64", "--seed", "2",
+              "--no-progress", "--model-opt", "delay=0", "--out", str(model)])
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    args = ["audit", "--model", str(model), "--data", "digits", "--threat", "linf:0.2", "--transform",
+            "bit-depth:bits=2", "--examples", "48", "--batch-size", "16", "--no-progress"]
+    one = _run([*args, "--out", str(tmp_path / "one")])
+    assert one.wait(timeout=600) == 0, one.stderr.read()
+    two = _run([*args, "--out", str(tmp_path / "two")], nproc=2)
+    out, err = two.communicate(timeout=600)
+    assert two.returncode == 0, err
+    a, b = _audit_outcomes(tmp_path / "one" / "report.json"), _audit_outcomes(tmp_path / "two" / "report.json")
+    assert a == b
+    assert len(a["runs"]) >= 4 and 0.0 < a["clean"]  # a real audit, not two empty ones
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["config"]["processes"] == 2
+    assert out.count("wrote ") == 1  # only rank 0 printed and wrote

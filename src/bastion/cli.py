@@ -309,8 +309,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     g = p.add_argument_group("audit")
     g.add_argument("--threat", default=None, metavar="NORM:EPS",
                    help="threat model, e.g. linf:0.1, linf:8/255, l2:0.5 (required)")
-    g.add_argument("--n", type=_positive_int, default=200, metavar="N",
-                   help="examples to audit, spread evenly over the split (default 200)")
+    g.add_argument("--n", "--examples", dest="n", type=_positive_int, default=200, metavar="N",
+                   help="examples to audit, spread evenly over the split (default 200); under torchrun write "
+                        "--examples (torchrun's own parser takes --n for a prefix of its options)")
     g.add_argument("--budget", choices=("quick", "standard"), default="quick",
                    help="quick: PGD-20 suites, checks on 100 examples (a first look); standard: PGD-50, APGD-CE, "
                         "APGD-T, Square-1000, checks on 500 (default quick)")
@@ -1141,6 +1142,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import model_digest
     from .threat import ThreatModel
 
+    from . import distributed as D
+
+    rank, _ = D.init_from_env()  # under torchrun: every attack's batches are shared out, rank 0 writes
     if args.model is None:
         raise ValueError("--model RUN_DIR is required (a run folder of `bastion train`)")
     if args.threat is None:
@@ -1162,21 +1166,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
     detector = _audit_detector(args, model, data.name) if args.detector else None
     target = Defended([t.to(dev) for t in transforms], model, detector=detector)
     cli = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
-    out.mkdir(parents=True, exist_ok=True)
     config = {"command": "audit", "argv": list(getattr(args, "argv", sys.argv[1:])), "cli": cli, "model": model_info,
               "data": data.meta(), "defense": target.declarations(),
               "detector": None if detector is None else detector.config()}
-    atomic_write_json(out / "config.json", config)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", config)
     log.info("audit: %s behind [%s]%s on %s/%s (%d of %d images) under %s into %s", args.model,
              ", ".join(args.transform), f" + {args.detector}" if args.detector else "", data.name, args.split,
              min(args.n, len(data)), len(data), threat, out)
     report = audit(target, data, threat, n=args.n, seed=args.seed, budget=args.budget, progress=args.progress,
                    batch_size=args.batch_size, eot=args.eot, passes=args.passes)
     report.config["argv"] = config["argv"]
-    report.save(out / "report.json")
-    report.save_html(out / "report.html")
-    print(report.table())
-    print(f"wrote {out}/: config.json, report.json, report.html")
+    if rank == 0:
+        report.save(out / "report.json")
+        report.save_html(out / "report.html")
+        print(report.table())
+        print(f"wrote {out}/: config.json, report.json, report.html")
+    D.barrier()
     return 0
 
 

@@ -59,16 +59,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed as D
 from .._rng import ExampleRNG
 from ..attacks.adaptive import EOT
 from ..attacks.base import Attack, attack_mode, create_attack
 from ..attacks.losses import margin
 from ..threat import Norm, ThreatModel
 from .audit_report import AuditReport, Check, encode_examples, format_threat
-from .evaluate import _as_tensors, _jsonable, attack_config, model_digest
+from .evaluate import _as_tensors, _check_same_model, _jsonable, attack_config, model_digest
 
 __all__ = ["BUDGETS", "AdaptivePlan", "AuditBudget", "AuditReport", "adaptive_plan", "audit"]
 
@@ -486,6 +488,28 @@ def _tol(n: int) -> float:
     return max(0.03, 3.0 / max(n, 1))
 
 
+def _attack_batches(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, idx: Tensor, threat: ThreatModel,
+                    seed: int, batch_size: int) -> Tensor:
+    """`attack` on the examples `idx`, in batches of `batch_size`: the adversarial points, in `idx` order.
+
+    Under ``torchrun`` (an initialized process group) the batches are dealt round-robin to the
+    processes and the results gathered on every rank, as `evaluate` does: each batch holds the
+    same examples as in one process and the attack's randomness is per example under `seed`, so
+    the points are those of a single-process run.
+    """
+    starts = list(range(0, idx.numel(), batch_size))
+    rank, world = D.world()
+    mine = {}
+    for j in range(rank, len(starts), world):
+        b = idx[starts[j]:starts[j] + batch_size]
+        mine[j] = attack(model, x[b], y[b], threat, seed=seed).x_adv
+    if world > 1:
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, {j: t.cpu() for j, t in mine.items()})
+        mine = {j: t.to(x.device) for part in parts for j, t in part.items()}
+    return torch.cat([mine[j] for j in range(len(starts))]) if starts else x[:0].clone()
+
+
 @dataclass
 class _Run:
     """One attack's outcome on every example (full-length CPU tensors; False where not attacked)."""
@@ -583,11 +607,7 @@ class _Auditor:
         t0 = time.perf_counter()
         idx = idx.to(self.x.device)
         seed = self._seed(label)
-        parts = []
-        for s in range(0, idx.numel(), self.batch_size):
-            b = idx[s:s + self.batch_size]
-            parts.append(attack(model, self.x[b], self.y[b], threat, seed=seed).x_adv)
-        x_adv = torch.cat(parts) if parts else self.x[:0].clone()
+        x_adv = _attack_batches(attack, model, self.x, self.y, idx, threat, seed, self.batch_size)
         wrong, win, pred, _ = self._judge(x_adv, self.y[idx])
         elapsed = time.perf_counter() - t0
         cfg = attack_config(attack)
@@ -1231,6 +1251,12 @@ def audit(defended_or_model: nn.Module, data: Any, threat: ThreatModel | str, *,
         eot, passes: override the budget's EOT draws and judging passes (randomized defenses).
         device: where to run; the pipeline is moved there. None: where its parameters are.
 
+    Under ``torchrun`` (an initialized `torch.distributed` process group, see
+    `bastion.distributed.init_from_env`), every attack's batches are dealt round-robin to the
+    processes and the adversarial points gathered on every rank, so the suites, curves and
+    Square checks split their work while the report is the one a single process writes (every
+    rank returns it; let rank 0 save it). Every rank must hold the same pipeline (checked).
+
     Returns:
         an `AuditReport` (``report.verdict``, ``report.table()``, ``report.save("report.json")``,
         ``report.save_html("report.html")``).
@@ -1273,6 +1299,9 @@ def audit(defended_or_model: nn.Module, data: Any, threat: ThreatModel | str, *,
     y = y_all[idx].to(dev).long()
     if not (float(x.min()) >= 0.0 and float(x.max()) <= 1.0):
         raise ValueError("`data` images must lie in [0, 1] (normalization belongs inside the model)")
+    digest = model_digest(target)
+    if D.world()[1] > 1:
+        _check_same_model(digest)
     devices = [dev] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -1281,8 +1310,10 @@ def audit(defended_or_model: nn.Module, data: Any, threat: ThreatModel | str, *,
         report = auditor.run(plan)
     report.config = {"threat": str(threat), "n": int(idx.numel()), "data_size": total, "seed": seed,
                      "budget": dataclasses.asdict(b), "check_n": auditor.m, "batch_size": batch_size,
-                     "model_digest": model_digest(target), "selection": "evenly spaced: index (i·N)//n",
+                     "model_digest": digest, "selection": "evenly spaced: index (i·N)//n",
                      "device": str(dev)}
+    if D.world()[1] > 1:
+        report.config["processes"] = D.world()[1]
     report.time_s = time.perf_counter() - t0
     report = AuditReport.from_dict(report.to_dict())  # JSON-normal form: equal to what report.json reads back
     log.info("audit: %s", report.verdict)
