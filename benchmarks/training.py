@@ -39,7 +39,8 @@ Training time is the `Trainer`'s own clock (report.json ``train_time_s``, summed
 the ratio divides it by the ``standard`` run of the same setting. On a shared machine these
 seconds move with the load (each run's load average is saved in ``bench.json`` beside it).
 
-``--speed``: one epoch of PGD-AT (7 steps of 2.5·eps/7 from a random start, batch 128) on the
+``--speed``: one epoch of PGD-AT (7 steps of 2.5·eps/7 from a random start, batch 128) and of TRADES
+(10 KL steps of 2.5·eps/10, beta 6; ART: its TRADES trainer with its PGD) on the
 first ``--speed-n`` Fashion-MNIST training images, through Bastion's `Trainer` vs a minimal
 hand-written loop vs ART's ``AdversarialTrainerMadryPGD``, all from the same initial weights,
 interleaved (`_common.interleaved`); the ratios are paired by round.
@@ -60,6 +61,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -387,65 +389,126 @@ def hand_pgd_at_epoch(model: nn.Module, x_all: Tensor, y_all: Tensor, *, eps: fl
     return model
 
 
+def hand_trades_epoch(model: nn.Module, x_all: Tensor, y_all: Tensor, *, eps: float, steps: int, lr: float,
+                      batch_size: int, beta: float, seed: int) -> nn.Module:
+    """One epoch of TRADES written by hand, as the reference code does it.
+
+    Inner maximization in eval mode: start at x + 0.001·N(0, 1), `steps` sign steps of
+    2.5·eps/steps on KL(p(x) ‖ p(x')), projected; then in train mode the loss
+    CE(f(x), y) + beta · KL(p(x) ‖ p(x')) (batchmean): 1 + steps forward/backward passes for the
+    attack (the first without backward) and two forward passes with one backward for the update.
+    """
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    alpha = 2.5 * eps / steps
+    perm = torch.randperm(len(x_all))
+    for i in range(0, len(x_all), batch_size):
+        idx = perm[i:i + batch_size]
+        x, y = x_all[idx], y_all[idx]
+        model.eval()
+        with torch.no_grad():
+            p_nat = F.log_softmax(model(x), dim=1)
+        x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+        for _ in range(steps):
+            xg = x_adv.detach().requires_grad_(True)
+            kl = F.kl_div(F.log_softmax(model(xg), dim=1), p_nat, reduction="sum", log_target=True)
+            (g,) = torch.autograd.grad(kl, [xg])
+            x_adv = torch.min(torch.max(x_adv.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+        model.train()
+        logits_nat, logits_adv = model(x), model(x_adv)
+        kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits_nat, dim=1), reduction="batchmean",
+                      log_target=True)
+        loss = F.cross_entropy(logits_nat, y) + beta * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model
+
+
+SPEED_METHODS = ("pgd-at", "trades")
+
+
 def speed(args: argparse.Namespace) -> dict[str, Any]:
+    """One epoch per method in ``--speed-methods``: Bastion's Trainer vs a hand loop vs ART, interleaved."""
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TQDM_DISABLE", "1")  # ART's progress bars
     train = load_dataset("fashion-mnist", "train").take(args.speed_n)
     x_all, y_all = train.images.contiguous(), train.labels.contiguous()
     torch.manual_seed(0)
     init = create_model(ARCH, train.num_classes, train.shape, train.mean, train.std)
-    eps, steps, lr, bs = args.eps, 7, 0.01, 128
+    eps, lr, bs, beta = args.eps, 0.01, 128, 6.0
+    steps = {"pgd-at": 7, "trades": 10}
+    x_np, y_np = x_all.numpy(), y_all.numpy()
 
     def fresh() -> nn.Module:
         return copy.deepcopy(init).train()
 
-    def bastion() -> nn.Module:
-        model = fresh()
-        cfg = TrainConfig(epochs=1, batch_size=bs, lr=lr, momentum=0.9, weight_decay=0.0, schedule="constant",
-                          seed=0, device="cpu")
-        Trainer(model, train, None, cfg, create_objective("pgd-at", eps=eps, steps=steps), progress=False).fit()
-        return model
+    def bastion(method: str) -> Callable[[], nn.Module]:
+        def run() -> nn.Module:
+            model = fresh()
+            cfg = TrainConfig(epochs=1, batch_size=bs, lr=lr, momentum=0.9, weight_decay=0.0, schedule="constant",
+                              seed=0, device="cpu")
+            kw = {"beta": beta} if method == "trades" else {}
+            Trainer(model, train, None, cfg, create_objective(method, eps=eps, steps=steps[method], **kw),
+                    progress=False).fit()
+            return model
+        return run
 
-    def hand() -> nn.Module:
-        return hand_pgd_at_epoch(fresh(), x_all, y_all, eps=eps, steps=steps, lr=lr, batch_size=bs, seed=0)
-
-    fns = {"bastion Trainer + pgd-at": bastion, "hand-written loop": hand}
-    try:
-        from art.defences.trainer import AdversarialTrainerMadryPGD
+    def art(method: str) -> Callable[[], nn.Module]:
+        from art.attacks.evasion import ProjectedGradientDescent
+        from art.defences.trainer import AdversarialTrainerMadryPGD, AdversarialTrainerTRADESPyTorch
         from art.estimators.classification import PyTorchClassifier
 
-        x_np, y_np = x_all.numpy(), y_all.numpy()
-
-        def art() -> nn.Module:
+        def run() -> nn.Module:
             model = fresh()
             clf = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(),
                                     optimizer=torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
                                     input_shape=train.shape, nb_classes=train.num_classes, clip_values=(0.0, 1.0),
                                     device_type="cpu")
-            AdversarialTrainerMadryPGD(clf, nb_epochs=1, batch_size=bs, eps=eps, eps_step=2.5 * eps / steps,
-                                       max_iter=steps, num_random_init=1).fit(x_np, y_np)
+            k = steps[method]
+            if method == "pgd-at":
+                AdversarialTrainerMadryPGD(clf, nb_epochs=1, batch_size=bs, eps=eps, eps_step=2.5 * eps / k,
+                                           max_iter=k, num_random_init=1).fit(x_np, y_np)
+            else:  # ART's TRADES trainer takes any attack; its examples use PGD on the cross-entropy
+                pgd = ProjectedGradientDescent(clf, eps=eps, eps_step=2.5 * eps / k, max_iter=k, num_random_init=1,
+                                               batch_size=bs, verbose=False)
+                AdversarialTrainerTRADESPyTorch(clf, attack=pgd, beta=beta).fit(x_np, y_np, nb_epochs=1,
+                                                                                 batch_size=bs)
             return model
+        return run
 
-        fns["ART AdversarialTrainerMadryPGD"] = art
-    except ImportError as e:  # pragma: no cover - ART is a bench extra
-        log.warning("ART not installed (%s): no ART column", e)
-    timings = interleaved(fns, repeats=args.repeats, on_sample=lambda n, dt: log.info("  %-32s %.2f s", n, dt))
-    hand_t = timings["hand-written loop"]
+    hands = {"pgd-at": lambda: hand_pgd_at_epoch(fresh(), x_all, y_all, eps=eps, steps=steps["pgd-at"], lr=lr,
+                                                 batch_size=bs, seed=0),
+             "trades": lambda: hand_trades_epoch(fresh(), x_all, y_all, eps=eps, steps=steps["trades"], lr=lr,
+                                                 batch_size=bs, beta=beta, seed=0)}
+    arts = {"pgd-at": "ART AdversarialTrainerMadryPGD", "trades": "ART AdversarialTrainerTRADESPyTorch"}
     rows = []
-    for name, t in timings.items():
-        rows.append({"name": name, "median_s": t.median, "samples_s": t.samples, "warmup_s": t.warmup_s,
-                     "ratio_to_hand": t.ratio_to(hand_t), "error": t.error})
-    return {"n": len(train), "batch_size": bs, "eps": eps, "steps": steps, "repeats": args.repeats, "rows": rows,
-            "machine": machine_info()}
+    for method in args.speed_methods:
+        fns: dict[str, Callable[[], Any]] = {f"bastion Trainer + {method}": bastion(method),
+                                             "hand-written loop": hands[method]}
+        try:
+            fns[arts[method]] = art(method)
+        except ImportError as e:  # pragma: no cover - ART is a bench extra
+            log.warning("ART not installed (%s): no ART column", e)
+        log.info("%s: one epoch, %d steps", method, steps[method])
+        timings = interleaved(fns, repeats=args.repeats, on_sample=lambda n, dt: log.info("  %-36s %.2f s", n, dt))
+        hand_t = timings["hand-written loop"]
+        for name, t in timings.items():
+            rows.append({"method": method, "steps": steps[method], "name": name, "median_s": t.median,
+                         "samples_s": t.samples, "warmup_s": t.warmup_s, "ratio_to_hand": t.ratio_to(hand_t),
+                         "error": t.error})
+    return {"n": len(train), "batch_size": bs, "eps": eps, "steps": steps, "beta": beta, "repeats": args.repeats,
+            "rows": rows, "machine": machine_info()}
 
 
 def speed_table(res: dict[str, Any]) -> str:
-    lines = ["| trainer | median s per epoch | × hand loop | samples s |", "|---|---|---|---|"]
+    lines = ["| method | trainer | median s per epoch | × hand loop | samples s |", "|---|---|---|---|---|"]
     for r in res["rows"]:
+        head = f"| {r.get('method', 'pgd-at')} ({r.get('steps', 7)} steps) | {r['name']}"
         if r["error"]:
-            lines.append(f"| {r['name']} | failed: {r['error']} | | |")
+            lines.append(f"{head} | failed: {r['error']} | | |")
             continue
-        lines.append(f"| {r['name']} | {r['median_s']:.2f} | {r['ratio_to_hand']:.3f} | "
+        lines.append(f"{head} | {r['median_s']:.2f} | {r['ratio_to_hand']:.3f} | "
                      f"{', '.join(f'{v:.2f}' for v in r['samples_s'])} |")
     return "\n".join(lines)
 
@@ -477,6 +540,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--speed", action="store_true", help="only the PGD-AT epoch timing: Trainer vs hand loop vs ART")
     p.add_argument("--speed-n", type=int, default=1024, help="training images of the timed epoch")
+    p.add_argument("--speed-methods", type=lambda v: [m for m in v.split(",") if m], default=list(SPEED_METHODS),
+                   help=f"comma-separated methods of --speed ({', '.join(SPEED_METHODS)})")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds of --speed (after one warm-up each)")
     p.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
@@ -491,9 +556,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     set_threads(args.threads)
     if args.speed:
+        unknown = sorted(set(args.speed_methods) - set(SPEED_METHODS))
+        if unknown or not args.speed_methods:
+            raise SystemExit(f"--speed-methods: unknown {unknown or 'empty list'}; known: {', '.join(SPEED_METHODS)}")
         res = speed(args)
-        print(f"One epoch of PGD-AT (7 steps, eps {args.eps:g}, batch 128) on {res['n']} Fashion-MNIST training "
-              f"images, {args.repeats} interleaved rounds after a warm-up, {torch.get_num_threads()} threads:\n")
+        print(f"One epoch of adversarial training (PGD-AT: 7 steps, TRADES: 10 steps, beta 6; eps {args.eps:g}, "
+              f"batch 128) on {res['n']} Fashion-MNIST training images, {args.repeats} interleaved rounds after a "
+              f"warm-up, {torch.get_num_threads()} threads:\n")
         print(speed_table(res))
     else:
         s = Setting(args.data, args.train_n, args.epochs, args.eval_n, args.eps, args.root, args.device, args.eot,
