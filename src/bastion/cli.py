@@ -704,9 +704,9 @@ def _demo_evaluation(args: argparse.Namespace, out: Path, grid: bool = True) -> 
     model = load_model(out).to(resolve_device(args.device))  # what was saved, not what is in memory
     rep = evaluate(model, test, DEMO_THREAT, [(n, dict(kw)) for n, kw in DEMO_SUITE], epsilons=list(DEMO_EPSILONS),
                    batch_size=250, seed=args.seed, progress=args.progress, keep_examples=len(test))
+    if grid:  # first: a note it adds goes into evaluation.json
+        _save_grid_from(rep, test, out / "grid.png", 8, model)
     rep.save(out / "evaluation.json")
-    if grid:
-        _save_grid_from(rep, test, out / "grid.png", 8)
     return rep
 
 
@@ -841,16 +841,18 @@ def _prepare_out(out: Path, config: dict[str, Any], resume: bool) -> None:
                               f"(saved {saved.get(diffs[0])!r}, now {mine.get(diffs[0])!r})")
 
 
-def _save_grid_from(report: Any, data: Any, path: Path, n: int) -> Path | None:
+def _save_grid_from(report: Any, data: Any, path: Path, n: int, model: Any = None) -> Path | None:
     """grid.png of `n` kept examples that the model classified correctly (None: nothing to draw).
 
     Broken examples come first, then the ones that survived, each group taking one example per
     class in turn, so that the picture shows what the attacks did across classes. The table,
-    not the picture, holds the numbers.
+    not the picture, holds the numbers. With `model`, two more rows show the class-activation
+    maps (Grad-CAM) of the clean and the adversarial inputs for their predictions.
     """
     import torch
 
     from .evaluation import save_grid
+    from .evaluation.cam import grid_cams
 
     ex = report.examples
     if n <= 0 or not ex:
@@ -868,8 +870,13 @@ def _save_grid_from(report: Any, data: Any, path: Path, n: int) -> Path | None:
     if not order:
         return None
     idx = torch.as_tensor(order[:n], dtype=torch.long)
+    cams = None
+    if model is not None:
+        cams, method = grid_cams(model, ex["x"][idx], ex["x_adv"][idx], ex["clean_pred"][idx], ex["adv_pred"][idx])
+        if cams is None:
+            report.notes.append(method)
     return save_grid(path, ex["x"][idx], ex["x_adv"][idx], ex["y"][idx], ex["clean_pred"][idx], ex["adv_pred"][idx],
-                     data.classes, n=n)
+                     data.classes, n=n, cams=cams)
 
 
 def run_evaluation(args: argparse.Namespace, command: str) -> tuple[Any, Path]:
@@ -901,8 +908,10 @@ def run_evaluation(args: argparse.Namespace, command: str) -> tuple[Any, Path]:
         model = compile_model(model)
         model_info["compiled"] = True
     naive_model = None
+    cam_model = model  # the grid's class-activation maps: the deployed pipeline, not its EOT attack view
     if transforms:
         defended, model, model_info["defense"] = _defended(transforms, model, specs, args.eot)
+        cam_model = defended
         defended.to(_model_device(model))
         _probe(defended, data)
         naive_model = defended if args.naive else None
@@ -949,7 +958,7 @@ def run_evaluation(args: argparse.Namespace, command: str) -> tuple[Any, Path]:
     # the report is the same on every rank (evaluate gathers the shards); rank 0 writes the files
     if command == "attack" and rank == 0:
         _save_adversarial(out / "adversarial.safetensors", report.examples)
-    grid = _save_grid_from(report, data, out / "grid.png", args.grid) if rank == 0 else None
+    grid = _save_grid_from(report, data, out / "grid.png", args.grid, cam_model) if rank == 0 else None
     if grid is None and args.grid > 0 and rank == 0:
         report.notes.append("no grid.png: no example in the first batches was classified correctly"
                             if report.examples else "no grid.png: every batch was read back from state.jsonl")
