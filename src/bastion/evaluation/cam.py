@@ -145,8 +145,10 @@ def grad_cam(model: nn.Module, x: Tensor, classes: Tensor | int, layer: nn.Modul
         classes: the class of each map, (N,) integers or one int for all.
         layer: the layer whose output feature maps (N, K, h, w) are weighted: a submodule or
             its name in ``model.named_modules()``; None picks the last `nn.Conv2d` of the
-            model, and a model without one gets a gradient × input saliency map instead (see
-            the module docstring and `cam_method`). (Default: None)
+            model (its output before any activation that follows it; pass the activation
+            module to weigh the rectified maps, as in the paper's VGG), and a model without
+            one gets a gradient × input saliency map instead (see the module docstring and
+            `cam_method`). (Default: None)
         batch_size: images per forward/backward pass. (Default: 256)
 
     Returns:
