@@ -478,8 +478,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def __getattr__(name: str) -> Any:
     """`bastion.cli.paper_training_loop` and `DEFAULT_SCHEDULE` moved to the training module (their
-    home since the library's harden loop uses them too); the old names still resolve, without
-    importing torch when the CLI module loads."""
+    home since the library's harden loop uses them too); the old names still resolve, and the CLI
+    module still loads the training code only when a command needs it."""
     if name in ("paper_training_loop", "DEFAULT_SCHEDULE"):
         from .defenses.training import trainer
 
