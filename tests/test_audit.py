@@ -8,8 +8,10 @@ with PGD (built here, a few seconds). The masked defense is a 1-bit input quanti
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
+import struct
 import subprocess
 
 import pytest
@@ -289,6 +291,14 @@ def test_html_is_self_contained_with_verdict_and_plots(masked_report):
     assert {a for a, _ in images} == {"security curve", "convergence", "loss histogram", "example grid"}
     assert all(len(b) > 1000 for _, b in images)
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing from the network
+    # the grid holds the class-activation maps: two more rows of 150 px (Grad-CAM of the TinyCNN's last conv)
+    grid = base64.b64decode(dict(images)["example grid"])
+    k = masked_report.to_dict()["examples"]["shape"][0]
+    assert struct.unpack(">II", grid[16:24]) == (150 * k, 750)
+    assert 'data-cam="grad-cam"' in page and "class-activation maps" in page
+    cams = decode_examples(masked_report.examples)["cams"]
+    assert cams is not None and cams[0].shape == cams[1].shape == (k, 8, 8)
+    assert float(cams[0].min()) >= 0 and all(float(c.amax()) == pytest.approx(1.0, abs=1e-3) for c in cams[0])
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
@@ -299,6 +309,7 @@ def test_html_verdict_is_displayed_by_a_browser(masked_report, tmp_path):
     dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", path.as_uri()],
                          capture_output=True, text=True, timeout=60).stdout
     assert "relies on obfuscated gradients" in dom and 'id="verdict"' in dom
+    assert 'alt="example grid"' in dom and 'data-cam="grad-cam"' in dom
 
 
 # --------------------------------------------------------------------------- errors

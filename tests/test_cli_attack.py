@@ -52,7 +52,7 @@ def test_attack_writes_examples_report_grid_and_table(run_dir, tmp_path, capsys)
     assert cfg["data"]["name"] == "digits" and cfg["command"] == "attack" and cfg["argv"] == argv
     assert cfg["evaluation"]["attacks"][0]["steps"] == 5 and cfg["model"]["digest"]
     w, h = _png_size(out / "grid.png")
-    assert (w, h) == (8 * 150, 450)
+    assert (w, h) == (8 * 150, 750)  # 5 rows: original, adversarial, perturbation, the two CAMs
     # never overwrites
     assert main(argv) == 2
     assert "already holds an evaluation" in capsys.readouterr().err
@@ -70,7 +70,7 @@ def test_evaluate_suite_curve_and_resume(run_dir, tmp_path, capsys):
     assert [a.label for a in rep.attacks] == ["fgsm", "pgd"] and rep.attacks[1].config["steps"] == 4
     assert [c.eps for c in rep.curve] == [0.05, 0.1, 0.2]
     assert rep.attacks[1].n_attacked == sum(rep.per_example["success"]["fgsm"][i] is False for i in range(48))
-    assert _png_size(out / "grid.png") == (4 * 150, 450)
+    assert _png_size(out / "grid.png") == (4 * 150, 750)
     assert len((out / "state.jsonl").read_text().splitlines()) == 1 + 3
     assert f"{100 * rep.robust_accuracy:.2f}%" in text
 
@@ -160,4 +160,4 @@ def test_demo_attacks_its_model(tmp_path, capsys):
     assert ev.n == 16 and [a.label for a in ev.attacks] == ["fgsm", "pgd", "apgd"]
     assert [c.eps for c in ev.curve] == [0.1, 0.2, 0.3]
     assert ev.curve[-1].robust_accuracy < ev.curve[0].robust_accuracy <= ev.clean_accuracy  # an undefended model falls
-    assert _png_size(out / "grid.png")[1] == 450
+    assert _png_size(out / "grid.png")[1] == 750

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from bastion.cli import DEFAULT_SCHEDULE, main, paper_training_loop
-from bastion.defenses.training import create_objective
+from bastion.cli import main
+from bastion.defenses.training import DEFAULT_SCHEDULE, create_objective, paper_training_loop
 
 # a tiny, fast run: 64 digits, an MLP, batch 32 (2 steps per epoch)
 FAST = ["--data", "digits", "--train-limit", "64", "--test-limit", "32", "--model", "mlp", "--model-opt", "hidden=[16]",
@@ -30,6 +30,17 @@ def test_paper_training_loop_rules():
     assert len(notes) == 1 and "ceil(10/4)" in notes[0] and "--epochs 40" in notes[0]
     assert paper_training_loop(free, 2, "step")[:2] == (1, "step")        # never below one epoch
     assert paper_training_loop(create_objective("pgd-at"), 7, None) == (7, DEFAULT_SCHEDULE, [])
+
+
+def test_paper_training_loop_moved_but_old_name_resolves():
+    import bastion.cli as cli
+    from bastion.evaluation import harden
+
+    assert cli.paper_training_loop is paper_training_loop and cli.DEFAULT_SCHEDULE == DEFAULT_SCHEDULE
+    assert paper_training_loop.__module__ == "bastion.defenses.training.trainer"
+    with pytest.raises(AttributeError):
+        cli.no_such_name  # noqa: B018
+    assert "from ..cli" not in __import__("inspect").getsource(harden)  # the library no longer imports the CLI
 
 
 def test_fast_at_gets_the_cyclic_schedule(tmp_path, capsys):

@@ -477,53 +477,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_SCHEDULE = "onecycle"
+def __getattr__(name: str) -> Any:
+    """`bastion.cli.paper_training_loop` and `DEFAULT_SCHEDULE` moved to the training module (their
+    home since the library's harden loop uses them too); the old names still resolve, and the CLI
+    module still loads the training code only when a command needs it."""
+    if name in ("paper_training_loop", "DEFAULT_SCHEDULE"):
+        from .defenses.training import trainer
 
-
-def paper_training_loop(objective: Any, epochs: int, schedule: str | None) -> tuple[int, str, list[str]]:
-    """The epochs and learning-rate schedule a defense's paper prescribes, where the user left them open.
-
-    Some defenses are defined together with their training loop, which the objective alone cannot
-    set (the Trainer owns the schedule and the epoch count):
-
-    * Fast AT (Wong, Rice & Kolter, "Fast is better than free", ICLR 2020, arXiv:2001.03994,
-      Sec. 5.1) trains with a cyclic learning rate (0 -> peak -> 0, `make_schedule("cyclic")`):
-      it gets ``cyclic`` when `schedule` is None, i.e. when the user did not choose one.
-    * Free AT (Shafahi et al., "Adversarial Training for Free!", NeurIPS 2019, arXiv:1904.12843,
-      Alg. 1) replays every minibatch m times, so each epoch costs m ordinary ones; it trains
-      for N/m epochs to cost what N epochs of natural training do. Any objective with
-      ``replays`` m > 1 gets ``ceil(epochs / m)`` epochs (the reference code rounds up too).
-
-    Args:
-        objective: the training objective (`create_objective`); its ``name`` and ``replays`` are read.
-        epochs: the epoch budget the user asked for.
-        schedule: the schedule the user chose, or None (a chosen schedule is always kept).
-
-    Returns:
-        ``(epochs, schedule, notes)``: what to train with, and one sentence per adjustment made
-        (empty when nothing changed), to print and to save with the run.
-    """
-    notes: list[str] = []
-    name = getattr(objective, "name", "")
-    if schedule is None:
-        if name == "fast-at":
-            schedule = "cyclic"
-            notes.append("fast-at: learning-rate schedule 'cyclic' (0 -> lr -> 0, Wong et al. 2020); "
-                         "pass --schedule to choose another")
-        else:
-            schedule = DEFAULT_SCHEDULE
-    m = int(getattr(objective, "replays", 1))
-    if m > 1:
-        budget = epochs
-        epochs = max(1, math.ceil(budget / m))
-        notes.append(f"{name}: {epochs} epoch{'s' if epochs != 1 else ''} instead of {budget}: every minibatch is "
-                     f"replayed {m} times, so ceil({budget}/{m}) epochs cost what {budget} epochs of natural training "
-                     f"do (Shafahi et al. 2019); for {budget} full epochs pass --epochs {budget * m}")
-    return epochs, schedule, notes
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_training(args: argparse.Namespace, command: str) -> tuple[dict[str, Any], Path]:
-    from .defenses.training import TrainConfig, Trainer, create_objective
+    from .defenses.training import TrainConfig, Trainer, create_objective, paper_training_loop
     from .models import create_model
 
     train, test = _load_data(args)
@@ -669,7 +635,7 @@ def _demo_harden(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], P
     """Fine-tune the saved demo model with `--harden` into ``out/hardened``; returns (report, folder)."""
     from .checkpoint import load_model
     from .data import load_dataset
-    from .defenses.training import TrainConfig, Trainer, create_objective
+    from .defenses.training import TrainConfig, Trainer, create_objective, paper_training_loop
 
     train, test = load_dataset("mnist-5k", "train", None, False), load_dataset("mnist-5k", "test", None, False)
     model = load_model(out)
@@ -705,9 +671,9 @@ def _demo_evaluation(args: argparse.Namespace, out: Path, grid: bool = True) -> 
     model = load_model(out).to(resolve_device(args.device))  # what was saved, not what is in memory
     rep = evaluate(model, test, DEMO_THREAT, [(n, dict(kw)) for n, kw in DEMO_SUITE], epsilons=list(DEMO_EPSILONS),
                    batch_size=250, seed=args.seed, progress=args.progress, keep_examples=len(test))
+    if grid:  # first: a note it adds goes into evaluation.json
+        _save_grid_from(rep, test, out / "grid.png", 8, model)
     rep.save(out / "evaluation.json")
-    if grid:
-        _save_grid_from(rep, test, out / "grid.png", 8)
     return rep
 
 
@@ -842,16 +808,18 @@ def _prepare_out(out: Path, config: dict[str, Any], resume: bool) -> None:
                               f"(saved {saved.get(diffs[0])!r}, now {mine.get(diffs[0])!r})")
 
 
-def _save_grid_from(report: Any, data: Any, path: Path, n: int) -> Path | None:
+def _save_grid_from(report: Any, data: Any, path: Path, n: int, model: Any = None) -> Path | None:
     """grid.png of `n` kept examples that the model classified correctly (None: nothing to draw).
 
     Broken examples come first, then the ones that survived, each group taking one example per
     class in turn, so that the picture shows what the attacks did across classes. The table,
-    not the picture, holds the numbers.
+    not the picture, holds the numbers. With `model`, two more rows show the class-activation
+    maps (Grad-CAM) of the clean and the adversarial inputs for their predictions.
     """
     import torch
 
     from .evaluation import save_grid
+    from .evaluation.cam import grid_cams
 
     ex = report.examples
     if n <= 0 or not ex:
@@ -869,8 +837,13 @@ def _save_grid_from(report: Any, data: Any, path: Path, n: int) -> Path | None:
     if not order:
         return None
     idx = torch.as_tensor(order[:n], dtype=torch.long)
+    cams = None
+    if model is not None:
+        cams, method = grid_cams(model, ex["x"][idx], ex["x_adv"][idx], ex["clean_pred"][idx], ex["adv_pred"][idx])
+        if cams is None:
+            report.notes.append(method)
     return save_grid(path, ex["x"][idx], ex["x_adv"][idx], ex["y"][idx], ex["clean_pred"][idx], ex["adv_pred"][idx],
-                     data.classes, n=n)
+                     data.classes, n=n, cams=cams)
 
 
 def run_evaluation(args: argparse.Namespace, command: str) -> tuple[Any, Path]:
@@ -902,8 +875,10 @@ def run_evaluation(args: argparse.Namespace, command: str) -> tuple[Any, Path]:
         model = compile_model(model)
         model_info["compiled"] = True
     naive_model = None
+    cam_model = model  # the grid's class-activation maps: the deployed pipeline, not its EOT attack view
     if transforms:
         defended, model, model_info["defense"] = _defended(transforms, model, specs, args.eot)
+        cam_model = defended
         defended.to(_model_device(model))
         _probe(defended, data)
         naive_model = defended if args.naive else None
@@ -950,7 +925,7 @@ def run_evaluation(args: argparse.Namespace, command: str) -> tuple[Any, Path]:
     # the report is the same on every rank (evaluate gathers the shards); rank 0 writes the files
     if command == "attack" and rank == 0:
         _save_adversarial(out / "adversarial.safetensors", report.examples)
-    grid = _save_grid_from(report, data, out / "grid.png", args.grid) if rank == 0 else None
+    grid = _save_grid_from(report, data, out / "grid.png", args.grid, cam_model) if rank == 0 else None
     if grid is None and args.grid > 0 and rank == 0:
         report.notes.append("no grid.png: no example in the first batches was classified correctly"
                             if report.examples else "no grid.png: every batch was read back from state.jsonl")

@@ -70,6 +70,7 @@ from ..attacks.base import Attack, attack_mode, create_attack
 from ..attacks.losses import margin
 from ..threat import Norm, ThreatModel
 from .audit_report import AuditReport, Check, encode_examples, format_threat
+from .cam import grid_cams
 from .evaluate import _as_tensors, _check_same_model, _jsonable, attack_config, model_digest
 
 __all__ = ["BUDGETS", "AdaptivePlan", "AuditBudget", "AuditReport", "adaptive_plan", "audit"]
@@ -1224,8 +1225,15 @@ class _Auditor:
             advs.append(r.x_adv[i] if r.x_adv is not None else self.x[i].cpu())
             preds.append(int(r.pred[i]) if r.pred[i] >= 0 else y[i])
         idx = torch.tensor(order)
-        return encode_examples(torch.stack(xs), torch.stack(advs), self.y.cpu()[idx], self.clean_pred[idx],
-                               torch.tensor(preds), list(self.classes) if self.classes is not None else None)
+        x_ex, adv_ex, pred_clean, pred_adv = torch.stack(xs), torch.stack(advs), self.clean_pred[idx].cpu(), \
+            torch.tensor(preds)
+        # where the model's attention moved: Grad-CAM of the pipeline (its classifier's last conv)
+        cams, method = grid_cams(self.target, x_ex, adv_ex, pred_clean, pred_adv)
+        if cams is None:
+            self.notes.append(method)
+        return encode_examples(x_ex, adv_ex, self.y.cpu()[idx], pred_clean, pred_adv,
+                               list(self.classes) if self.classes is not None else None, cams=cams,
+                               cam_method=method if cams is not None else None)
 
 
 def audit(defended_or_model: nn.Module, data: Any, threat: ThreatModel | str, *, n: int | None = 200, seed: int = 0,

@@ -38,7 +38,9 @@ quantization in front of a TinyCNN, ``pytest tests/test_audit.py -k masked_defen
       "per_example": {"label": [...], "clean_pred": [...], "clean_correct": [...], "naive_robust": [...],
                       "adaptive_robust": [...], "robust": [...], "broken_by": [...]},
       "examples": {"shape": [k, C, H, W], "x": base64 float16, "x_adv": base64 float16,
-                   "y": [...], "clean_pred": [...], "adv_pred": [...], "classes": [...] | null} | null,
+                   "y": [...], "clean_pred": [...], "adv_pred": [...], "classes": [...] | null,
+                   "cam_clean": base64 float16 [k, H, W] | absent, "cam_adv": ... | absent,
+                   "cam_method": "grad-cam" | "gradient-x-input" | absent} | null,
       "notes": ["..."], "config": {...}, "time_s": 6.1
     }
 """
@@ -86,28 +88,45 @@ class Check:
 
 # --------------------------------------------------------------------------- example tensors
 def encode_examples(x: Tensor, x_adv: Tensor, y: Tensor, clean_pred: Tensor, adv_pred: Tensor,
-                    classes: list[str] | None) -> dict[str, Any]:
-    """The grid's examples as JSON: images as base64 little-endian float16 (display precision)."""
+                    classes: list[str] | None, cams: tuple[Tensor, Tensor] | None = None,
+                    cam_method: str | None = None) -> dict[str, Any]:
+    """The grid's examples as JSON: images as base64 little-endian float16 (display precision).
+
+    `cams`: the class-activation maps (clean at the clean prediction, adversarial at the
+    adversarial prediction), each (k, H, W) in [0, 1] (`bastion.evaluation.cam.grad_cam`);
+    `cam_method` says how they were made. Both are left out of the JSON when `cams` is None.
+    """
     def pack(t: Tensor) -> str:
         arr = t.detach().cpu().to(torch.float16).numpy().astype("<f2")
         return base64.b64encode(arr.tobytes()).decode("ascii")
 
-    return {"shape": list(x.shape), "x": pack(x), "x_adv": pack(x_adv), "y": [int(v) for v in y.tolist()],
-            "clean_pred": [int(v) for v in clean_pred.tolist()], "adv_pred": [int(v) for v in adv_pred.tolist()],
-            "classes": None if classes is None else [str(c) for c in classes]}
+    out = {"shape": list(x.shape), "x": pack(x), "x_adv": pack(x_adv), "y": [int(v) for v in y.tolist()],
+           "clean_pred": [int(v) for v in clean_pred.tolist()], "adv_pred": [int(v) for v in adv_pred.tolist()],
+           "classes": None if classes is None else [str(c) for c in classes]}
+    if cams is not None:
+        want = (x.shape[0], *x.shape[-2:])
+        if len(cams) != 2 or any(tuple(c.shape) != want for c in cams):
+            raise ValueError(f"`cams` must be (clean maps, adversarial maps), each of shape {want}, got "
+                             f"{[tuple(c.shape) for c in cams]}")
+        out.update(cam_clean=pack(cams[0]), cam_adv=pack(cams[1]), cam_method=cam_method)
+    return out
 
 
 def decode_examples(ex: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of `encode_examples`: tensors (float32 images, int64 labels) and the class names."""
+    """Inverse of `encode_examples`: tensors (float32 images, int64 labels), the class names, and
+    ``cams`` ((clean, adversarial) maps, or None where the report has none) with ``cam_method``."""
     shape = tuple(int(s) for s in ex["shape"])
 
-    def unpack(s: str) -> Tensor:
+    def unpack(s: str, shape: tuple[int, ...] = shape) -> Tensor:
         arr = np.frombuffer(base64.b64decode(s), dtype="<f2").astype(np.float32)
         return torch.from_numpy(arr.copy()).reshape(shape)
 
+    cam_shape = (shape[0], *shape[2:])
+    cams = (unpack(ex["cam_clean"], cam_shape), unpack(ex["cam_adv"], cam_shape)) if "cam_clean" in ex else None
     return {"x": unpack(ex["x"]), "x_adv": unpack(ex["x_adv"]), "y": torch.tensor(ex["y"], dtype=torch.long),
             "clean_pred": torch.tensor(ex["clean_pred"], dtype=torch.long),
-            "adv_pred": torch.tensor(ex["adv_pred"], dtype=torch.long), "classes": ex.get("classes")}
+            "adv_pred": torch.tensor(ex["adv_pred"], dtype=torch.long), "classes": ex.get("classes"),
+            "cams": cams, "cam_method": ex.get("cam_method")}
 
 
 def _finite(v: Any) -> Any:

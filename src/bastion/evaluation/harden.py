@@ -322,8 +322,7 @@ class _State:
 
 def _finetune(model: nn.Module, name: str, kw: dict[str, Any], train: Any, threat: ThreatModel, seed: int,
               device: torch.device, progress: bool) -> tuple[nn.Module, list[str]]:
-    from ..cli import paper_training_loop
-    from ..defenses.training import TrainConfig, Trainer, create_objective
+    from ..defenses.training import TrainConfig, Trainer, create_objective, paper_training_loop
     from ..defenses.training.adversarial import AdversarialObjective
     from ..defenses.training.objectives import OBJECTIVES
 

@@ -4,7 +4,8 @@ Everything on the page is drawn from the report's JSON (``report.json``), so ``b
 RUN_DIR`` re-renders it without the model or the data: the verdict, the headline numbers, how
 the defense was attacked, every attack and check with its evidence, the security curve, the
 convergence plot, Madry's loss histogram and the example grid (original / adversarial /
-amplified perturbation, with predicted labels). Plots use matplotlib's Agg canvas (no display).
+amplified perturbation, with predicted labels, and the class-activation maps of the clean and
+the adversarial input where the report holds them). Plots use matplotlib's Agg canvas (no display).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def _grid_png(report: "AuditReport") -> str | None:
         return None
     with tempfile.TemporaryDirectory() as d:
         path = save_grid(Path(d) / "grid.png", ex["x"], ex["x_adv"], ex["y"], ex["clean_pred"], ex["adv_pred"],
-                         ex["classes"], n=ex["x"].shape[0])
+                         ex["classes"], n=ex["x"].shape[0], cams=ex["cams"])
         data = path.read_bytes()
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
@@ -247,9 +248,17 @@ def render_audit(report: "AuditReport") -> str:
             out.append(f'<div><img alt="{_e(title)}" src="{src}"></div>')
     grid = _grid_png(r)
     if grid:
+        cams = (r.examples or {}).get("cam_method")
+        how = {"grad-cam": "Grad-CAM of the classifier's last convolution",
+               "gradient-x-input": "gradient × input saliency (the classifier has no convolution)"}.get(cams, cams)
+        rows = ("; then the class-activation maps (" + _e(how) + ", red = most evidence) of the clean input for "
+                "its prediction and of the adversarial input for its prediction: where the model's attention "
+                "moved") if cams else ""
         out.append("<h2>Examples</h2><p class='ev'>Rows: original (label, clean prediction), adversarial "
-                   "(its prediction), perturbation amplified to the full grey range. Broken examples first.</p>")
-        out.append(f'<div><img alt="example grid" src="{grid}"></div>')
+                   f"(its prediction), perturbation amplified to the full grey range{rows}. Broken examples "
+                   "first.</p>")
+        out.append(f'<div><img alt="example grid" src="{grid}"' + (f' data-cam="{_e(cams)}"' if cams else "")
+                   + "></div>")
 
     if r.notes:
         out.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in r.notes) + "</ul>")

@@ -113,6 +113,51 @@ class TrainConfig:
             raise TypeError(f"`seed` must be an integer, got {self.seed!r}")
 
 
+DEFAULT_SCHEDULE = "onecycle"  # `paper_training_loop`'s schedule where neither the user nor the paper chose one
+
+
+def paper_training_loop(objective: Any, epochs: int, schedule: str | None) -> tuple[int, str, list[str]]:
+    """The epochs and learning-rate schedule a defense's paper prescribes, where the user left them open.
+
+    Some defenses are defined together with their training loop, which the objective alone cannot
+    set (the Trainer owns the schedule and the epoch count):
+
+    * Fast AT (Wong, Rice & Kolter, "Fast is better than free", ICLR 2020, arXiv:2001.03994,
+      Sec. 5.1) trains with a cyclic learning rate (0 -> peak -> 0, `make_schedule("cyclic")`):
+      it gets ``cyclic`` when `schedule` is None, i.e. when the user did not choose one.
+    * Free AT (Shafahi et al., "Adversarial Training for Free!", NeurIPS 2019, arXiv:1904.12843,
+      Alg. 1) replays every minibatch m times, so each epoch costs m ordinary ones; it trains
+      for N/m epochs to cost what N epochs of natural training do. Any objective with
+      ``replays`` m > 1 gets ``ceil(epochs / m)`` epochs (the reference code rounds up too).
+
+    Args:
+        objective: the training objective (`create_objective`); its ``name`` and ``replays`` are read.
+        epochs: the epoch budget the user asked for.
+        schedule: the schedule the user chose, or None (a chosen schedule is always kept).
+
+    Returns:
+        ``(epochs, schedule, notes)``: what to train with, and one sentence per adjustment made
+        (empty when nothing changed), to print and to save with the run.
+    """
+    notes: list[str] = []
+    name = getattr(objective, "name", "")
+    if schedule is None:
+        if name == "fast-at":
+            schedule = "cyclic"
+            notes.append("fast-at: learning-rate schedule 'cyclic' (0 -> lr -> 0, Wong et al. 2020); "
+                         "pass --schedule to choose another")
+        else:
+            schedule = DEFAULT_SCHEDULE
+    m = int(getattr(objective, "replays", 1))
+    if m > 1:
+        budget = epochs
+        epochs = max(1, math.ceil(budget / m))
+        notes.append(f"{name}: {epochs} epoch{'s' if epochs != 1 else ''} instead of {budget}: every minibatch is "
+                     f"replayed {m} times, so ceil({budget}/{m}) epochs cost what {budget} epochs of natural training "
+                     f"do (Shafahi et al. 2019); for {budget} full epochs pass --epochs {budget * m}")
+    return epochs, schedule, notes
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
