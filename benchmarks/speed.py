@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--n", type=int, default=1000, help="test images for layout and shard")
     p.add_argument("--mem-n", type=int, default=10000, help="the large evaluation of the memory section")
+    p.add_argument("--mem-steps", type=int, default=20, help="PGD steps of the memory section's evaluation")
+    p.add_argument("--mem-malloc", action="store_true",
+                   help="memory: also run every size with MALLOC_MMAP_THRESHOLD_=131072 (glibc)")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
@@ -113,7 +116,7 @@ def _free_port() -> int:
 def _worker_cmd(a: argparse.Namespace, kind: str, out: Path, nproc: int = 1, threads: int | None = None
                 ) -> tuple[list[str], dict[str, str]]:
     """The command of a worker and its settings (in the environment: torchrun would take ``--n`` for itself)."""
-    settings = {"n": a.n, "mem_n": a.mem_n, "eps": a.eps, "threads": threads or a.threads}
+    settings = {"n": a.n, "mem_n": a.mem_n, "mem_steps": a.mem_steps, "eps": a.eps, "threads": threads or a.threads}
     args = [str(HERE / "speed.py"), "--worker", kind, "--out", str(out)]
     env = {"BASTION_BENCH_WORKER": json.dumps(settings), "OMP_NUM_THREADS": str(threads or a.threads)}
     if nproc == 1:
@@ -174,21 +177,30 @@ def worker_memory(a: argparse.Namespace) -> None:
     data = fmnist_test(a.mem_n)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    report = evaluate(model, data, f"linf:{a.eps!r}", attacks=[("pgd", {"steps": 20})], batch_size=256, seed=0,
-                      progress=False)
+    report = evaluate(model, data, f"linf:{a.eps!r}", attacks=[("pgd", {"steps": a.mem_steps})], batch_size=256,
+                      seed=0, progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    a.out.write_text(json.dumps({"n": a.mem_n, "rss_before_kib": base, "peak_rss_kib": peak,
+    a.out.write_text(json.dumps({"n": a.mem_n, "steps": a.mem_steps, "rss_before_kib": base, "peak_rss_kib": peak,
+                                 "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
                                  "data_mib": data.images.numel() * 4 / 2**20, "eval_s": time.perf_counter() - t0,
                                  "robust_accuracy": report.robust_accuracy}))
 
 
 def section_memory(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Peak RSS of a fresh process evaluating 1,000 and `--mem-n` images, with glibc's default
+    allocator settings and with a fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_``): glibc raises
+    its threshold after freeing large blocks, so later tensors come from the heap, whose freed
+    holes it keeps — the RSS then grows with fragmentation, not with live data."""
     rows = []
-    for n in sorted({min(1000, a.mem_n), a.mem_n}):
-        sub = argparse.Namespace(**{**vars(a), "mem_n": n})
-        out = tmp / f"mem{n}.json"
-        _run(_worker_cmd(sub, "memory", out))
-        rows.append(json.loads(out.read_text()))
+    for mmap in (None, "131072") if a.mem_malloc else (None,):
+        for n in sorted({min(1000, a.mem_n), a.mem_n}):
+            sub = argparse.Namespace(**{**vars(a), "mem_n": n})
+            out = tmp / f"mem{n}-{mmap}.json"
+            cmd, env = _worker_cmd(sub, "memory", out)
+            if mmap is not None:
+                env = {**env, "MALLOC_MMAP_THRESHOLD_": mmap}
+            _run((cmd, env))
+            rows.append(json.loads(out.read_text()))
     return {"rows": rows}
 
 
@@ -215,11 +227,13 @@ def markdown(res: dict[str, Any]) -> str:
                    + f"\n\nPer-example results identical: {'yes' if S['identical_per_example'] else '**no**'}. "
                    "Wall time includes starting the processes and loading the data.")
     if "memory" in s:
-        lines = ["| images | peak RSS MiB | RSS before evaluate MiB | data MiB | evaluate s |", "|---|---|---|---|---|"]
+        lines = ["| images | PGD steps | MALLOC_MMAP_THRESHOLD_ | peak RSS MiB | RSS before evaluate MiB | data MiB | "
+                 "evaluate s |", "|---|---|---|---|---|---|---|"]
         for r in s["memory"]["rows"]:
-            lines.append(f"| {r['n']} | {r['peak_rss_kib'] / 1024:.0f} | {r['rss_before_kib'] / 1024:.0f} | "
+            lines.append(f"| {r['n']} | {r.get('steps', 20)} | {r.get('malloc_mmap_threshold') or 'glibc default'} | "
+                         f"{r['peak_rss_kib'] / 1024:.0f} | {r['rss_before_kib'] / 1024:.0f} | "
                          f"{r['data_mib']:.0f} | {r['eval_s']:.0f} |")
-        out.append("### Peak memory of `evaluate` (PGD-20, batch 256)\n\n" + "\n".join(lines))
+        out.append("### Peak memory of `evaluate` (PGD, batch 256)\n\n" + "\n".join(lines))
     return "\n\n".join(out) + "\n"
 
 
