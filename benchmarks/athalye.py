@@ -87,7 +87,7 @@ def run_missing(args: argparse.Namespace) -> None:
                OMP_NUM_THREADS=str(args.threads))
     for row in ROWS:
         out = args.root / slug(row.name)
-        if (out / "report.json").exists():
+        if (out / "report.json").exists() or (args.only and not any(k in slug(row.name) for k in args.only)):
             continue
         if not (ROOT / row.model / "model.json").exists():
             print(f"skip {row.name}: no model at {row.model}", file=sys.stderr)
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", choices=("quick", "standard"), default="quick")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--table-only", action="store_true", help="collect the finished audits, run nothing")
+    p.add_argument("--only", type=lambda v: [k for k in v.split(",") if k], default=[],
+                   help="run only the rows whose folder name contains one of these comma-separated words")
     args = p.parse_args(argv)
     if not args.table_only:
         run_missing(args)
