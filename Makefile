@@ -28,13 +28,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 setup: $(STAMP) system-deps
 
-# Fashion-MNIST from Debian (full 70,000 images, offline). Without it the tests that need it skip.
+# Debian packages: Fashion-MNIST (full 70,000 images, offline) and a headless Chromium that
+# renders the HTML reports in a test. Without them the tests that need them skip.
 system-deps:
-	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	@if [ -d /usr/share/datasets/fashion-mnist ] && command -v chromium >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 	  || echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will skip"; \
-	else echo "note: Fashion-MNIST not found (sudo apt-get install dataset-fashion-mnist); its tests will skip"; fi
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium; the browser rendering test will skip"; \
+	else echo "note: install dataset-fashion-mnist and chromium (apt-get) for the tests that need them"; fi
 
 demo: setup
 	$(BIN)/bastion demo

@@ -696,15 +696,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["section_s"] = time.perf_counter() - t0
         res["sections"][name] = out
         log.info("section %s done in %.0f s", name, out["section_s"])
+        _write(res, args, load_start, t_all, final=False)  # a later section that fails loses nothing
+    _write(res, args, load_start, t_all, final=True)
+    return res
+
+
+def _write(res: dict[str, Any], args: argparse.Namespace, load_start: Any, t_all: float, *, final: bool) -> None:
+    """Fill in the machine and the markdown; print it at the end; write the JSON after every section."""
     res["machine"] = {**machine_info(), "loadavg_start": load_start}
     res["total_s"] = time.perf_counter() - t_all
+    res["complete"] = final
     res["markdown"] = markdown(res, args)
-    print(res["markdown"])
+    if final:
+        print(res["markdown"])
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=1, default=_json_default))
-        log.info("wrote %s", args.json)
-    return res
+        if final:
+            log.info("wrote %s", args.json)
 
 
 def _json_default(o: Any) -> Any:

@@ -16,6 +16,15 @@ from torch import nn
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every test module starts at one thread, whatever an earlier test (a benchmark smoke run) set."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 

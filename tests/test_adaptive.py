@@ -22,14 +22,6 @@ N = 32
 EPS = 0.15
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is much faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class Quantize(nn.Module):
     """round(4x)/4: five grey levels. torch.round has a zero gradient: the gradient is masked."""

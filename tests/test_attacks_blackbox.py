@@ -23,14 +23,6 @@ N = 32
 EPS = 0.15  # linf on 8×8 digits: PGD leaves roughly 20% robust accuracy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is much faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def batch(digits):

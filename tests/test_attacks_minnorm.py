@@ -30,16 +30,6 @@ CW_FAST: dict[str, Any] = {"binary_search_steps": 5, "max_iterations": 200, "ini
 LBFGS_FAST: dict[str, Any] = {"binary_search_steps": 5, "max_iterations": 50, "initial_const": 1.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These attacks run thousands of tiny forward/backward passes; on a shared, loaded machine
-    two OpenMP threads make each one 10-20× slower than one thread does (measured: C&W below,
-    60 s of CPU with 2 threads vs 3 s with 1). Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def batch(digits) -> tuple[torch.Tensor, torch.Tensor]:

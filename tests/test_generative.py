@@ -37,15 +37,6 @@ from bastion.defenses.transforms.purifiers import DefenseGAN, MagNetReformer, Pi
 LEVELS = 17  # the digits take the values k/16 exactly
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronization (several times
-    slower on a shared, loaded machine). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def pcnn(digits) -> PixelCNN:

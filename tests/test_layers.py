@@ -21,14 +21,6 @@ from bastion.defenses.layers import (
 from bastion.models import create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronization on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def small_cnn() -> nn.Module:
     torch.manual_seed(0)

@@ -29,15 +29,6 @@ from bastion.defenses.training.regularizers import (
 )
 from bastion.models import create_model
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronization, which on a
-    shared, loaded machine made each step several times slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 MINE = ["gaussian-augmentation", "label-smoothing", "distillation", "contractive", "gradient-regularization"]
 

@@ -2,8 +2,8 @@
 
 from .data import Dataset, list_datasets, load_dataset
 from .models import create_model, list_models
-from .evaluation import evaluate
+from .evaluation import AuditReport, audit, evaluate
 
 __version__ = "0.1.0"
 
-__all__ = ["Dataset", "__version__", "create_model", "evaluate", "list_datasets", "list_models", "load_dataset"]
+__all__ = ["AuditReport", "Dataset", "__version__", "audit", "create_model", "evaluate", "list_datasets", "list_models", "load_dataset"]

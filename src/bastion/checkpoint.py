@@ -36,6 +36,14 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text atomically (readers see the old file or the new one), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(path, text.encode("utf-8"))
+    return path
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never half of one."""
     _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

@@ -68,12 +68,33 @@ class Defended(nn.Module):
         return any(getattr(m, "randomized", False) for m in self.modules() if m is not self)
 
     def declarations(self) -> list[dict[str, Any]]:
-        """What each component declares (for reports: how the defense was attacked)."""
+        """What each component declares (for reports and the audit: how the defense must be attacked).
+
+        One entry per component in pipeline order — transforms, the model, the output
+        post-processing — and last the detector, each with its ``role`` ("transform", "model",
+        "output", "detector"), its config, ``differentiable`` and ``randomized``. The detector's
+        entry is its `Detector.declaration`: also ``threshold`` and ``fpr`` (None before
+        calibration), ``supervised``, ``adaptive_loss`` (it has the term an informed attacker
+        adds to its loss), ``adaptive_parts``, ``bpda`` and ``eot``.
+        """
         out = []
-        for c in self.components():
+        roles = ["transform"] * len(self.transforms) + ["model"] + (["output"] if self.output is not None else [])
+        for role, c in zip(roles, self.components()):
             cfg = c.config() if hasattr(c, "config") and callable(c.config) else {"name": type(c).__name__}
-            out.append({**cfg, "differentiable": bool(getattr(c, "differentiable", True)),
+            out.append({"role": role, **cfg, "differentiable": bool(getattr(c, "differentiable", True)),
                         "randomized": bool(getattr(c, "randomized", False))})
+        if self.detector is not None:
+            d = self.detector
+            if callable(getattr(d, "declaration", None)):
+                out.append(d.declaration())
+            else:  # a detector-like module outside Bastion's contract: say what can be said
+                threshold = getattr(d, "threshold", None)
+                out.append({"role": "detector", "name": getattr(d, "name", type(d).__name__),
+                            "differentiable": bool(getattr(d, "differentiable", True)),
+                            "randomized": bool(getattr(d, "randomized", False)),
+                            "threshold": None if threshold is None else float(threshold),
+                            "fpr": getattr(d, "fpr", None), "calibrated": threshold is not None,
+                            "adaptive_loss": callable(getattr(d, "adaptive_loss", None))})
         return out
 
     # -- forward ------------------------------------------------------------------------

@@ -25,7 +25,9 @@ Conventions (stated once, used everywhere):
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,12 @@ from torch import Tensor, nn
 
 from .._checks import check_images, check_labels
 
-__all__ = ["DetectionEval", "DetectionReport", "normalized_distortion", "roc", "roc_auc", "system_view",
-           "tpr_at_fpr"]
+__all__ = ["DetectionEval", "DetectionReport", "adaptive_counterpart", "evaluate_detector", "normalized_distortion",
+           "roc", "roc_auc", "system_view", "tpr_at_fpr"]
 
 SCHEMA = "bastion-detection-report/1"
+
+log = logging.getLogger("bastion.detection")
 
 
 def _np(scores: Any, name: str) -> np.ndarray:
@@ -217,8 +221,12 @@ class DetectionEval:
     Args:
         detector: a fitted `bastion.defenses.detectors.Detector`.
         threshold_from: clean validation images, disjoint from the detector's fit data and from
-            the test data given to `evaluate`.
-        fpr: the false-positive budget on clean data (MRR's security parameter). Default 0.05.
+            the test data given to `evaluate`; the detector is calibrated on them at `fpr`. None:
+            keep the threshold the detector already has (calibrated earlier, or loaded with
+            `load_detector`); the test data must then be disjoint from the data it was
+            calibrated on (``detector.calibration_hashes``).
+        fpr: the false-positive budget on clean data (MRR's security parameter). Default 0.05
+            with `threshold_from`; without it, the detector's own (a different value is refused).
         fprs: the rates at which the report lists TPR at FPR. Default (0.01, 0.05, 0.1).
 
     Example:
@@ -227,19 +235,29 @@ class DetectionEval:
         >>> report = ev.evaluate(x_test, y_test, res.x_adv, attack=PGD().config())
     """
 
-    def __init__(self, detector: nn.Module, threshold_from: Tensor, fpr: float = 0.05,
+    def __init__(self, detector: nn.Module, threshold_from: Tensor | None, fpr: float | None = None,
                  fprs: tuple[float, ...] = (0.01, 0.05, 0.1)) -> None:
-        from ..defenses.detectors.base import Detector, example_hashes
+        from ..defenses.detectors.base import Detector, NotFittedError, example_hashes
 
         if not isinstance(detector, Detector):
             raise TypeError(f"`detector` must be a bastion Detector, got {type(detector).__name__}")
-        check_images(threshold_from, "threshold_from")
         self.detector = detector
-        self.threshold = detector.calibrate(threshold_from, fpr)
-        self.fpr = float(fpr)
+        if threshold_from is not None:
+            check_images(threshold_from, "threshold_from")
+            self.threshold = detector.calibrate(threshold_from, 0.05 if fpr is None else fpr)
+            self._val_hashes = set(example_hashes(threshold_from))
+        else:
+            if not detector.calibrated:
+                raise NotFittedError(f"detector {detector.name!r} has no threshold: pass `threshold_from` (clean "
+                                     f"validation images) or calibrate it first")
+            if fpr is not None and abs(float(fpr) - float(detector.fpr)) > 1e-12:
+                raise ValueError(f"`fpr` {fpr!r} differs from the rate the detector was calibrated at "
+                                 f"({detector.fpr!r}); pass `threshold_from` to recalibrate")
+            self.threshold = float(detector.threshold)
+            self._val_hashes = set(detector.calibration_hashes)
+        self.fpr = float(detector.fpr)
         self.fprs = tuple(float(f) for f in fprs)
         self.fpr_validation = float(detector.calibration.get("fpr_calibration", math.nan))
-        self._val_hashes = set(example_hashes(threshold_from))
 
     def _check_data(self, x: Tensor, name: str) -> None:
         from ..defenses.detectors.base import example_hashes
@@ -252,7 +270,8 @@ class DetectionEval:
         val = sum(h in self._val_hashes for h in hs)
         if val:
             raise ValueError(f"`{name}` holds {val} example(s) of the validation data the threshold was set on "
-                             f"(`threshold_from`); the test data must be disjoint from it")
+                             f"(`threshold_from`, or the detector's calibration data); the test data must be "
+                             f"disjoint from it")
 
     @torch.no_grad()
     def evaluate(self, x_clean: Tensor, y_clean: Tensor, x_adv: Tensor, *, success: Tensor | None = None,
@@ -325,6 +344,160 @@ class DetectionEval:
             clean_accuracy=float(clean_ok.float().mean()), defense_success=sv["defense_success"],
             attack_success=sv["attack_success"], l2_median=l2_med, l2_reference_median=l2_ref_med,
             l2_normalized=l2_norm, notes=notes)
+
+
+# ============================================================================================
+# A detector against a list of attacks
+# ============================================================================================
+
+#: C&W hyper-parameters an adaptive C&W copies from the plain C&W it stands for
+_CW_FIELDS = ("binary_search_steps", "max_iterations", "initial_const", "learning_rate", "kappa", "abort_early")
+
+
+def _as_attack(item: Any, detector: Any) -> Any:
+    """An `Attack` from a name, a ``(name, kwargs)`` pair or an instance; detector-aware ones get `detector`."""
+    from ..attacks import Attack, create_attack
+
+    if isinstance(item, Attack):
+        return item
+    if isinstance(item, str):
+        name, kwargs = item, {}
+    elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], dict):
+        name, kwargs = item[0], dict(item[1])
+    else:
+        raise TypeError(f"`attacks` items must be attack names, (name, kwargs) pairs or Attack instances, got {item!r}")
+    if name.lower().startswith("detector-"):
+        kwargs.setdefault("detector", detector)
+    return create_attack(name.lower(), **kwargs)
+
+
+def _threat_for(attack: Any, threat: Any) -> Any:
+    """The threat an attack runs under: `threat`; minimum-norm attacks run unbounded (None) unless it fits them."""
+    from ..threat import ThreatModel
+
+    t = ThreatModel.parse(threat) if isinstance(threat, str) else threat
+    if attack.minimum_norm:
+        return t if t is not None and t.norm.value in attack.supports_norms else None
+    if t is None:
+        raise ValueError(f"attack {attack.name!r} needs a threat model (e.g. 'linf:0.3'): pass `threat` (the CLI's "
+                         f"--threat); minimum-norm attacks (cw, deepfool, jsma) run without one")
+    return t
+
+
+def adaptive_counterpart(attack: Any, detector: Any, options: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The white-box attack on classifier + `detector` that stands for `attack` (None if it already is one).
+
+    * a minimum-norm attack (C&W, DeepFool, JSMA, L-BFGS) → ``detector-cw`` (C&W L2 with the
+      detector's margins in the loss, every part at once: ``combine="sum"``), with a plain C&W's
+      hyper-parameters copied so the normalized distortion compares like with like;
+    * a bounded attack (FGSM, BIM, PGD, ...) → ``detector-pgd`` at the same threat (40 steps,
+      or the attack's own ``steps`` when it has more).
+
+    `options` (``{"detector-pgd": {...}, "detector-cw": {...}}``) override those settings.
+    """
+    from ..attacks.detector_aware import DetectorAwareCW, DetectorAwarePGD
+
+    if isinstance(attack, (DetectorAwareCW, DetectorAwarePGD)):
+        return None
+    options = options or {}
+    if attack.minimum_norm:
+        kw: dict[str, Any] = {"combine": "sum"}
+        if attack.name == "cw":
+            kw.update({f: getattr(attack, f) for f in _CW_FIELDS if hasattr(attack, f)})
+        kw.update(options.get("detector-cw", {}))
+        return DetectorAwareCW(detector=detector, **kw)
+    kw = {"steps": max(40, int(getattr(attack, "steps", 0) or 0))}
+    kw.update(options.get("detector-pgd", {}))
+    return DetectorAwarePGD(detector=detector, **kw)
+
+
+def _run(attack: Any, model: nn.Module, x: Tensor, y: Tensor, threat: Any, seed: int, batch_size: int
+         ) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_adv, success, l2) over batches; each batch seeded alike (per-example RNG: batching does not matter)."""
+    xs, ss, ls = [], [], []
+    for i in range(0, x.shape[0], batch_size):
+        r = attack(model, x[i:i + batch_size], y[i:i + batch_size], threat, seed=seed)
+        xs.append(r.x_adv)
+        ss.append(r.success)
+        ls.append(r.norms["l2"])
+    return torch.cat(xs), torch.cat(ss), torch.cat(ls)
+
+
+def evaluate_detector(detector: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[Any], threat: Any = None, *,
+                      adaptive: bool = False, threshold_from: Tensor | None = None, fpr: float | None = None,
+                      adaptive_options: dict[str, dict[str, Any]] | None = None, seed: int = 0,
+                      batch_size: int = 250, fprs: tuple[float, ...] = (0.01, 0.05, 0.1)) -> list[DetectionReport]:
+    """A detector against a list of attacks: one `DetectionReport` per attack (and adaptive counterpart).
+
+    Each attack is crafted against the *bare* classifier (``detector.model``): the detector is
+    unknown to it (the setting of most detection papers, and of the MRR article's Table 1).
+    With ``adaptive=True`` each attack is followed by its white-box counterpart
+    (`adaptive_counterpart`: detector-pgd / detector-cw, which know the detector's threshold
+    and margins and must fool classifier and detector at once); identical counterparts run
+    once. An attack given as ``detector-pgd`` / ``detector-cw`` is adaptive by itself and gets
+    the detector. The naive rows stay beside the adaptive ones, never instead of them.
+
+    Args:
+        detector: a fitted `Detector`.
+        x, y: clean test images and labels (disjoint from the fit and calibration data).
+        attacks: names (``"fgsm"``), ``(name, kwargs)`` pairs or `Attack` instances.
+        threat: the threat of bounded attacks (``"linf:0.3"``); minimum-norm attacks ignore a
+            threat of another norm and run unbounded.
+        adaptive: add the adaptive counterparts.
+        threshold_from, fpr: as `DetectionEval` (None: the detector's own threshold).
+        adaptive_options: settings of the counterparts, ``{"detector-cw": {"max_iterations": 200}}``.
+        seed: the attacks' seed.
+        batch_size: examples per attack call.
+        fprs: rates at which each report lists TPR at FPR.
+
+    Returns:
+        reports in order; ``report.attack`` is the attack's config plus ``label`` and
+        ``adaptive``. The L2 distortion of a detector-cw row is normalized by the same C&W
+        optimizer, same settings, without the detector term, run on the bare classifier (one
+        extra run per setting): the MRR article's "normalized distortion".
+    """
+    from ..attacks.detector_aware import DetectorAwareCW
+
+    ev = DetectionEval(detector, threshold_from, fpr, fprs)
+    model = detector.model
+    x = x.detach()
+    y = y.to(x.device).long()
+    plan: list[tuple[str, Any, bool]] = []
+    seen: set[str] = set()
+    for item in attacks:
+        atk = _as_attack(item, detector)
+        is_adaptive = isinstance(getattr(atk, "detector", None), nn.Module)
+        plan.append((atk.name, atk, is_adaptive))
+        if adaptive and not is_adaptive:
+            counter = adaptive_counterpart(atk, detector, adaptive_options)
+            key = json.dumps({k: v for k, v in counter.config().items() if k != "detector"}, sort_keys=True,
+                             default=str) + str(_threat_for(counter, threat))
+            if key not in seen:
+                seen.add(key)
+                plan.append((f"{counter.name} (adaptive, for {atk.name})", counter, True))
+    if not plan:
+        raise ValueError("`attacks` is empty: name at least one attack")
+    for _, atk, _ in plan:  # fail on a missing threat before any attack runs
+        _threat_for(atk, threat)
+    reports: list[DetectionReport] = []
+    cw_l2: dict[str, Tensor] = {}  # successful L2 norms of detector-cw without a detector, by settings
+    for label, atk, is_adaptive in plan:
+        t = _threat_for(atk, threat)
+        x_adv, success, l2 = _run(atk, model, x, y, t, seed, batch_size)
+        ref = None
+        if isinstance(atk, DetectorAwareCW) and atk.detector is not None:
+            # the reference is the very same optimizer without the detector term, on the bare model
+            key = json.dumps({f: getattr(atk, f) for f in _CW_FIELDS}, sort_keys=True)
+            if key not in cw_l2:
+                plain = DetectorAwareCW(**{f: getattr(atk, f) for f in _CW_FIELDS})
+                _, ok, l2p = _run(plain, model, x, y, None, seed, batch_size)
+                cw_l2[key] = l2p[ok]
+            ref = cw_l2[key]
+        cfg = {"label": label, "adaptive": is_adaptive, "threat": None if t is None else str(t), **atk.config()}
+        rep = ev.evaluate(x, y, x_adv, attack=cfg, l2_reference=ref)
+        log.info("%s", rep.summary())
+        reports.append(rep)
+    return reports
 
 
 def _predict(model: nn.Module, x: Tensor, batch: int = 512) -> Tensor:

@@ -38,8 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import distributed as D
 from .._checks import check_images, check_labels
 from ..attacks.base import ATTACKS, Attack, attack_mode, create_attack
 from ..checkpoint import atomic_write_json
@@ -176,7 +178,8 @@ def _batch_digest(x: Tensor, y: Tensor) -> str:
 class _StateFile:
     """JSON Lines: a header ``{"schema", "config"}``, then one finished batch per line."""
 
-    def __init__(self, path: str | Path, config: dict[str, Any]) -> None:
+    def __init__(self, path: str | Path, config: dict[str, Any], batches: Sequence[int]) -> None:
+        """`batches`: the batch indices this process handles, in order (its records must follow them)."""
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
         if not self.path.exists():
@@ -206,7 +209,8 @@ class _StateFile:
             except json.JSONDecodeError:
                 torn = True  # a write cut short by a crash: this batch and anything after it is redone
                 break
-            if not isinstance(rec, dict) or rec.get("batch") != len(self.records):
+            if not isinstance(rec, dict) or len(self.records) >= len(batches) \
+                    or rec.get("batch") != batches[len(self.records)]:
                 torn = True
                 break
             self.records.append(rec)
@@ -367,6 +371,23 @@ def _build(records: list[dict[str, Any]], entries: list[SuiteEntry], threats: li
 
 
 # --------------------------------------------------------------------------- entry point
+def _check_same_model(digest: str) -> None:
+    """Every rank must attack the same weights, or the gathered report mixes models."""
+    digests: list[Any] = [None] * D.world()[1]
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) > 1:
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise ValueError(f"`model` differs between processes (ranks {bad} differ from rank 0): load the same "
+                         "checkpoint on every rank")
+
+
+def _gather_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's batch records, on every rank, in batch order."""
+    parts: list[Any] = [None] * D.world()[1]
+    dist.all_gather_object(parts, records)
+    return sorted((r for part in parts for r in part), key=lambda r: r["batch"])
+
+
 def _as_tensors(data: Any) -> tuple[Tensor, Tensor]:
     from ..data.base import Dataset
 
@@ -412,7 +433,12 @@ def evaluate(model: nn.Module, data: Any, threat: ThreatModel | str, attacks: An
             report at the cost of more attack runs. (Default: False)
         keep_examples: keep the tensors of the first K examples (x, x_adv, y, predictions) in
             ``Report.examples`` for a picture (`save_grid`); batches read back from a state file
-            have none. (Default: 0)
+            have none, and under several processes only each rank's own batches are kept. (Default: 0)
+
+    Under ``torchrun`` (an initialized `torch.distributed` process group, see
+    `bastion.distributed.init_from_env`) the batches are dealt round-robin to the processes and
+    the per-batch results gathered, so every rank returns the same report, equal to the
+    single-process one; with a `state_file` each rank keeps its own ``<state_file>.rankR-of-W``.
 
     Returns:
         a `Report` (``report.table()``, ``report.save("report.json")``).
@@ -467,29 +493,39 @@ def evaluate(model: nn.Module, data: Any, threat: ThreatModel | str, attacks: An
         "batch_size": batch_size, "seed": seed, "standalone": standalone, "n": n,
         "model_digest": model_digest(model),
     }
-    state = _StateFile(state_file, config) if state_file is not None else None
-    records: list[dict[str, Any]] = list(state.records) if state else []
+    rank, world_size = D.world()
+    if world_size > 1:
+        _check_same_model(config["model_digest"])
+        if state_file is not None:  # one state file per rank: no two processes append to one file
+            state_file = Path(f"{state_file}.rank{rank}-of-{world_size}")
     n_batches = math.ceil(n / batch_size)
-    if len(records) > n_batches:
-        raise ValueError(f"`state_file` {state_file} holds {len(records)} batches but the data has only {n_batches}")
+    # Batches are dealt round-robin to the ranks. Every per-example result is independent of
+    # which process computes it (per-example randomness, attacks seeded per suite entry), so the
+    # gathered report equals the single-process one exactly.
+    mine = list(range(rank, n_batches, world_size))
+    state = _StateFile(state_file, config, mine) if state_file is not None else None
+    records: list[dict[str, Any]] = list(state.records) if state else []
+    if len(records) > len(mine):
+        raise ValueError(f"`state_file` {state_file} holds {len(records)} batches but the data has only {len(mine)}"
+                         + (f" for rank {rank} of {world_size}" if world_size > 1 else ""))
     resumed = len(records)
     if resumed:
-        log.info("resuming from %s: %d of %d batches already done", state_file, resumed, n_batches)
+        log.info("resuming from %s: %d of %d batches already done", state_file, resumed, len(mine))
 
     kept: list[dict[str, Tensor]] = []
     n_kept = 0
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n_batches, initial=resumed, disable=not progress, desc=f"evaluate {threat}", unit="batch",
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(total=len(mine), initial=resumed, disable=not progress or rank != 0, desc=f"evaluate {threat}",
+               unit="batch", leave=False, dynamic_ncols=True)
     try:
         with attack_mode(model):
-            for b in range(n_batches):
+            for i, b in enumerate(mine):
                 lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
                 xb_cpu, yb_cpu = x_all[lo:hi], y_all[lo:hi]
                 digest = _batch_digest(xb_cpu, yb_cpu)
-                if b < resumed:
-                    if records[b].get("digest") != digest:
+                if i < resumed:
+                    if records[i].get("batch") != b or records[i].get("digest") != digest:
                         raise ValueError(f"`state_file` {state_file}: batch {b} holds other examples than this data "
                                          "(different dataset, order or limit); delete it or use the original data")
                     continue
@@ -516,10 +552,14 @@ def evaluate(model: nn.Module, data: Any, threat: ThreatModel | str, attacks: An
                 bar.update(1)
     finally:
         bar.close()
+    if world_size > 1:
+        records = _gather_records(records)
 
     summary, stats, curve, notes = _build(records, entries, threats, main, n, standalone)
     if resumed:
-        notes.append(f"resumed: {resumed} of {n_batches} batches were read from {state_file}")
+        notes.append(f"resumed: {resumed} of {len(mine)} batches were read from {state_file}")
+    if world_size > 1:
+        notes.append(f"sharded over {world_size} processes (batches dealt round-robin, results gathered)")
     report = Report(threat=str(threat), n=n, clean_accuracy=summary["clean_accuracy"],
                     robust_accuracy=summary["robust_accuracy"], attacks=stats, norms=summary["norms"],
                     per_example=summary["per_example"], curve=curve if epsilons is not None else None,

@@ -17,6 +17,8 @@ name                   method                                     differentiable
 >>> det = create_detector("mrr:n=16").fit(model, x_train, y_train)
 >>> det.calibrate(x_val, fpr=0.05)            # the security parameter: 5% false positives
 >>> det.detect(x_test).is_adv
+>>> save_detector(det, "runs/mrr16/detector")         # safetensors + JSON, never pickle
+>>> det = load_detector("runs/mrr16/detector", model)
 
 Every public module of this package is imported here, so a detector registers itself by living
 in its own file with `@register_detector("name")`.
@@ -39,10 +41,11 @@ from .density import KDEBU, BayesianUncertainty, KernelDensity  # noqa: E402
 from .magnet import MagNetDetector, magnet_defense  # noqa: E402
 from .metzen import Metzen  # noqa: E402
 from .mrr import MRR  # noqa: E402
+from .persist import load_detector, save_detector  # noqa: E402
 from .squeeze import FeatureSqueeze  # noqa: E402
 
 __all__ = [
     "DETECTORS", "KDEBU", "MRR", "BayesianUncertainty", "Detection", "Detector", "FeatureSqueeze", "KernelDensity",
     "LayerTap", "MagNetDetector", "Metzen", "NotFittedError", "create_detector", "example_hashes", "list_detectors",
-    "magnet_defense", "register_detector",
+    "load_detector", "magnet_defense", "register_detector", "save_detector",
 ]

@@ -31,12 +31,22 @@ are read with a forward hook while the model computes its logits, so gradients f
 
 Data hygiene. `fit` records a content hash of every example it saw (`example_hashes`);
 `calibrate` and `bastion.evaluation.detection.DetectionEval` refuse data that overlaps it.
+`calibrate` records the hashes of its clean validation data too (``calibration_hashes``), so
+a detector saved and loaded later still refuses to be evaluated on the data that set its
+threshold.
+
+Persistence. `bastion.defenses.detectors.save_detector` / `load_detector` store a fitted
+detector as safetensors (every tensor: ``state_dict()``) + JSON (constructor options, threshold,
+fit record). Subclasses take part through three hooks: ``init_kwargs`` (what rebuilds an
+unfitted twin), ``_extra_state`` (JSON-ready fitted state that is not a tensor) and ``_rebuild``
+(create the fitted submodules with their shapes before the tensors are loaded).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -219,6 +229,7 @@ class Detector(nn.Module):
         fpr: the false-positive rate `calibrate` was asked for.
         scale: the spread of the clean calibration scores (normalizes `margin`).
         fit_hashes: content hashes of every example `fit` saw.
+        calibration_hashes: content hashes of the clean data `calibrate` set the threshold on.
     """
 
     name: ClassVar[str] = "detector"
@@ -235,6 +246,7 @@ class Detector(nn.Module):
         self.scale: float = 1.0
         self.calibration: dict[str, Any] = {}
         self.fit_hashes: set[str] = set()
+        self.calibration_hashes: set[str] = set()
         self.fit_info: dict[str, Any] = {}
         self._fitted = False
         # The classifier is referenced, not registered: the detector's state_dict, `.to()` and
@@ -284,6 +296,7 @@ class Detector(nn.Module):
                                  f"{tuple(x_clean.shape[1:])}; they must match")
         self.__dict__["_model"] = model
         self.threshold, self.fpr, self.calibration = None, None, {}
+        self.calibration_hashes = set()
         self.fit_hashes = set(example_hashes(x_clean))
         if x_adv is not None and self.supervised:
             self.fit_hashes |= set(example_hashes(x_adv))
@@ -351,6 +364,7 @@ class Detector(nn.Module):
         self.threshold, self.fpr, self.scale = threshold, fpr, spread
         self.calibration = {"n": int(s.numel()), "rank": k, "fpr_requested": fpr,
                             "fpr_calibration": float((s > threshold).float().mean()), "scale": spread}
+        self.calibration_hashes = set(example_hashes(x_clean))
         return threshold
 
     def _refuse_fit_data(self, x: Tensor, name: str, allow: bool) -> None:
@@ -410,8 +424,68 @@ class Detector(nn.Module):
                 "randomized": self.randomized, "supervised": self.supervised, "threshold": self.threshold,
                 "fpr": self.fpr}
 
+    def declaration(self) -> dict[str, Any]:
+        """How this detector must be attacked, for reports and the audit (JSON-ready).
+
+        ``config()`` (name, options, ``differentiable``, ``randomized``, ``supervised``,
+        ``threshold``, ``fpr``) plus: ``role`` "detector"; ``calibrated``; ``adaptive_loss``
+        (True: it has the hinge an informed attacker adds to its loss); ``adaptive_parts`` (the
+        number of margins in `adaptive_terms` that must all go below zero, None before
+        calibration); ``bpda`` (the adaptive score differentiates through stand-ins: the
+        detector is not differentiable); ``eot`` (randomized: attack the expectation); and
+        ``adaptive_attacks``, the registered attacks that use all this.
+        """
+        parts: int | None = None
+        if self.calibrated and self.fitted:
+            parts = self._adaptive_parts()
+        return {"role": "detector", **self.config(), "calibrated": self.calibrated,
+                "adaptive_loss": callable(getattr(self, "adaptive_loss", None)), "adaptive_parts": parts,
+                "bpda": not self.differentiable, "eot": bool(self.randomized),
+                "adaptive_attacks": ["detector-pgd", "detector-cw"]}
+
+    def _adaptive_parts(self) -> int:
+        """The number of columns of `adaptive_terms` (1 unless a subclass says otherwise)."""
+        return 1
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+
+    # ----------------------------------------------------------------------- persistence hooks
+    def init_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-ready) that rebuild an unfitted twin of this detector.
+
+        By default the entries of `options` that `__init__` takes; subclasses whose options
+        are not constructor arguments override it.
+        """
+        params = inspect.signature(type(self).__init__).parameters
+        return {k: v for k, v in self.options().items() if k in params and k != "self"}
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Fitted state that is neither a tensor of `state_dict` nor a common attribute (JSON-ready)."""
+        return {}
+
+    def _rebuild(self, extra: dict[str, Any], model: nn.Module) -> None:
+        """Before loading: create the submodules `fit` creates (with their shapes) and restore `extra`.
+
+        ``fit_info`` is already restored when this runs (shapes recorded there can be read).
+        """
+
+    def fitted_state(self) -> dict[str, Any]:
+        """Everything about the fit and the threshold except tensors and hashes (JSON-ready)."""
+        return {"fitted": self._fitted, "threshold": self.threshold, "fpr": self.fpr, "scale": self.scale,
+                "calibration": self.calibration, "fit_info": self.fit_info, "extra": self._extra_state()}
+
+    def restore_fitted_state(self, state: dict[str, Any], model: nn.Module) -> None:
+        """Inverse of `fitted_state` on an unfitted twin (`init_kwargs`), attached to `model`."""
+        self.__dict__["_model"] = model
+        self.fit_info = dict(state.get("fit_info") or {})
+        self._rebuild(dict(state.get("extra") or {}), model)
+        self.threshold = None if state.get("threshold") is None else float(state["threshold"])
+        self.fpr = None if state.get("fpr") is None else float(state["fpr"])
+        self.scale = float(state.get("scale", 1.0))
+        self.calibration = dict(state.get("calibration") or {})
+        self._fitted = bool(state.get("fitted", True))
+        self.eval()
 
 
 # --------------------------------------------------------------------------- helpers

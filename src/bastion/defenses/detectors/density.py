@@ -149,6 +149,12 @@ class KernelDensity(Detector):
         return {"bandwidth": self.bandwidth, "sigma": self.sigma, "layer": self.layer,
                 "max_per_class": self.max_per_class}
 
+    def _extra_state(self) -> dict[str, Any]:
+        return {"sigma": self.sigma}
+
+    def _rebuild(self, extra: dict[str, Any], model: nn.Module) -> None:
+        self.sigma = None if extra.get("sigma") is None else float(extra["sigma"])
+
     def _fit(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor | None, **kwargs: Any) -> None:
         if kwargs:
             raise TypeError(f"KernelDensity.fit() got unexpected keyword(s) {', '.join(sorted(kwargs))}")
@@ -242,6 +248,19 @@ class BayesianUncertainty(Detector):
 
     def options(self) -> dict[str, Any]:
         return {"passes": self.passes, "p": self.p, "mode": self.mode, "seed": self.seed, "rate": self.rate}
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"rate": self.rate}
+
+    def _rebuild(self, extra: dict[str, Any], model: nn.Module) -> None:
+        """The dropout rate, and (head mode) the model's last Linear, found again on `model`.
+
+        A seeded mask stream starts again at its seed (as after `reseed`).
+        """
+        self.rate = None if extra.get("rate") is None else float(extra["rate"])
+        self._generators.clear()
+        if self.mode == "head":
+            self.__dict__["_head"] = find_last_linear(model)[1]
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
@@ -377,6 +396,23 @@ class KDEBU(Detector):
     def options(self) -> dict[str, Any]:
         return {"kde": self.kde.options(), "bu": self.bu.options(), "attack": self.attack, "threat": self.threat,
                 "C": self.C}
+
+    def reseed(self) -> None:
+        """Restart the seeded dropout-mask stream of the BU feature (no effect with ``seed=None``)."""
+        self.bu.reseed()
+
+    def init_kwargs(self) -> dict[str, Any]:
+        k, b = self.kde, self.bu
+        return {"bandwidth": k.bandwidth, "layer": k.layer, "max_per_class": k.max_per_class, "passes": b.passes,
+                "p": b.p, "mode": b.mode, "seed": b.seed, "attack": self.attack, "threat": self.threat, "C": self.C}
+
+    def _extra_state(self) -> dict[str, Any]:
+        # the regression is already tensors (mu, sd, coef, intercept): no scikit-learn object is kept
+        return {"kde": self.kde.fitted_state(), "bu": self.bu.fitted_state()}
+
+    def _rebuild(self, extra: dict[str, Any], model: nn.Module) -> None:
+        self.kde.restore_fitted_state(extra["kde"], model)
+        self.bu.restore_fitted_state(extra["bu"], model)
 
     def fit(self, model: nn.Module, x_clean: Tensor, y_clean: Tensor, x_adv: Tensor | None = None, *,
             x_density: Tensor | None = None, y_density: Tensor | None = None, seed: int | None = 0) -> "KDEBU":

@@ -32,7 +32,7 @@ from ..._checks import check_images
 from ..generative.autoencoder import MNIST_STRUCTURE, DenoisingAutoencoder, load_autoencoder, train_autoencoder
 from ..generative.magnet import jensen_shannon
 from .base import (Detector, NotFittedError, check_fpr, check_int, check_number, conformal_threshold,
-                   register_detector, robust_spread)
+                   example_hashes, register_detector, robust_spread)
 
 __all__ = ["MagNetDetector", "magnet_defense"]
 
@@ -97,6 +97,24 @@ class MagNetDetector(Detector):
         return {"autoencoder": self._source, "norms": list(self.norms), "temperatures": list(self.temperatures),
                 "split": self.split, "ae_epochs": self.ae_epochs, "seed": self.seed}
 
+    def init_kwargs(self) -> dict[str, Any]:
+        # the autoencoder is rebuilt by `_rebuild` and its weights come with the detector's tensors
+        return {"norms": list(self.norms), "temperatures": list(self.temperatures), "split": self.split,
+                "ae_epochs": self.ae_epochs, "structure": list(self.structure), "seed": self.seed}
+
+    def _extra_state(self) -> dict[str, Any]:
+        assert self.autoencoder is not None
+        return {"autoencoder": self.autoencoder.config(), "source": self._source}
+
+    def _rebuild(self, extra: dict[str, Any], model: nn.Module) -> None:
+        ae = DenoisingAutoencoder.from_config(extra["autoencoder"])
+        _freeze(ae)
+        self.autoencoder = ae
+        self._source = extra.get("source")
+
+    def _adaptive_parts(self) -> int:
+        return len(self.components)
+
     def _fit(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor | None, **kwargs: Any) -> None:
         if kwargs:
             raise TypeError(f"MagNetDetector.fit() got unexpected keyword(s) {', '.join(sorted(kwargs))}")
@@ -160,6 +178,7 @@ class MagNetDetector(Detector):
         self.calibration = {"n": int(raw.shape[0]), "fpr_requested": fpr, "fpr_per_component": fpr / m,
                             "component_thresholds": dict(zip(self.components, thresholds)),
                             "fpr_calibration": float((combined > 1.0).float().mean()), "scale": self.scale}
+        self.calibration_hashes = set(example_hashes(x_clean))
         return 1.0
 
     def adaptive_terms(self, x: Tensor) -> Tensor:

@@ -127,6 +127,13 @@ class Metzen(Detector):
                 "sigma": self.sigma, "dynamic_steps": self.dynamic_steps, "width": self.width, "epochs": self.epochs,
                 "lr": self.lr, "batch_size": self.train_batch_size, "seed": self.seed}
 
+    def _rebuild(self, extra: dict[str, Any], model: nn.Module) -> None:
+        """D with the architecture `fit` chose for the recorded activation shape."""
+        shape = list(self.fit_info["activation_shape"])
+        self.net = (_ConvDetector(shape[0], self.width) if len(shape) == 3 else _MLPDetector(shape[0], self.width)).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
     # ----------------------------------------------------------------------- pieces
     def activations(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, standardized activations) of the classifier on x; differentiable."""

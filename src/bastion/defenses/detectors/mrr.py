@@ -162,6 +162,19 @@ class MRR(Detector):
                 "lr": self.lr, "batch_size": self.train_batch_size, "holdout": self.holdout,
                 "shrinkage": self.shrinkage, "combine": self.combine, "seed": self.seed}
 
+    def _rebuild(self, extra: dict[str, Any], model: nn.Module) -> None:
+        """The defenders and centres with the shapes `fit` gave them (their values are loaded next)."""
+        if self.n == 0:
+            return
+        d_in, k = int(self.fit_info["feature_dim"]), int(self.fit_info["classes"])
+        self.defenders = LatentDefenders(self.n, d_in, self.hidden, self.dim).eval()
+        self.center_dirs = nn.Parameter(torch.zeros(self.n, k, self.dim))
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def _adaptive_parts(self) -> int:
+        return self.n
+
     # ----------------------------------------------------------------------- pieces
     def centers(self) -> Tensor:
         """Class centres (N, K, dim), on the sphere of radius `radius`."""

@@ -115,10 +115,19 @@ class FeatureSqueeze(Detector):
             raise ValueError(f"`squeezers` must be a non-empty list of transform specs, got {squeezers!r}")
         self.squeezers = nn.ModuleList([resolve_squeezer(s) for s in squeezers])
         self._specs = [s if isinstance(s, str) else type(s).__name__ for s in squeezers]
+        self._given = list(squeezers)
         # a randomized squeezer makes the detector randomized (instance-level declaration)
         self.randomized = any(bool(getattr(s, "randomized", False)) for s in self.squeezers)
 
     def options(self) -> dict[str, Any]:
+        return {"squeezers": list(self._specs)}
+
+    def init_kwargs(self) -> dict[str, Any]:
+        given = [s for s in self._given if not isinstance(s, str)]
+        if given:
+            raise TypeError(f"this feature-squeeze detector cannot be saved: squeezer(s) "
+                            f"{', '.join(type(s).__name__ for s in given)} were given as modules; give them as "
+                            f"transform specs (e.g. 'bit-depth:bits=1') to save the detector")
         return {"squeezers": list(self._specs)}
 
     def _fit(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor | None, **kwargs: Any) -> None:

@@ -1,0 +1,529 @@
+"""Hardening by training: every training defense on one architecture, evaluated honestly, and timed.
+
+    python benchmarks/training.py --quick                                  # smoke run (minutes)
+    python benchmarks/training.py --data fashion-mnist                     # the issue's full table
+    python benchmarks/training.py --data fashion-mnist --train-n 10000 --epochs 2 --eval-n 200 \\
+        --methods standard,fast-at,fgsm-at,fgsm-at@0.3,pgd-at              # a reduced setting
+    python benchmarks/training.py --data mnist-5k --methods fast --epochs 3 --eval-n 200
+    python benchmarks/training.py --speed --speed-n 1024                   # Trainer vs hand loop vs ART
+    python benchmarks/training.py --data fashion-mnist --train-n 10000 --epochs 2 --eval-n 200 --table-only
+
+The setting (issue 4): `cnn-small` (430,890 parameters on 28×28 grey images), SGD with momentum
+0.9, weight decay 5e-4, batch 128, peak learning rate 0.05 with the one-cycle schedule (Fast AT:
+the cyclic schedule of its paper; Free AT: ceil(epochs / m) epochs, see
+`bastion.cli.paper_training_loop`), L∞ eps ``--eps`` = 0.1, images in [0, 1]. Each method is
+trained from scratch with Bastion's `Trainer`; evaluation is on the test images spread evenly over
+the test split (``--eval-n`` of them):
+
+* clean accuracy;
+* FGSM and naive PGD-20 (CE, one random start): what a weak evaluation would report;
+* robust accuracy under ``evaluate(preset="standard")`` (APGD-CE, APGD-T, Square; worst case per
+  example): the number to read.
+
+SAP is not a training method: it is the ``standard`` model with stochastic activation pruning
+after every ReLU (``add_sap``, SAP-100), attacked naively (PGD-20 on single random draws) and
+adaptively (the standard suite on ``EOT(model, n=--eot)``, the expected logits; its clean and
+robust numbers are those of the EOT-averaged classifier). Bounded ReLU is cnn-small with its ReLUs
+capped at 1 (``bound_relus``), trained with plain cross-entropy. Distillation trains a teacher at
+temperature T (``distillation-teacher``) and then the student on its soft labels.
+
+Resumable and incremental: each method trains into its own folder,
+``--root/<data>/<method>[-<eps>]-n<train images>-e<epochs>``, resuming from its last checkpoint
+when interrupted (Ctrl-C and rerun the same command); its evaluation is cached in that folder as
+``eval-linf<eps>-n<eval images>-<suite>.json`` (the standard suite also keeps a resumable state file). The
+tables are assembled from whatever is finished, so a later session (or ``--device cuda``)
+completes them with the same command. Nothing in the tables is estimated: a method not yet
+trained or evaluated shows "not measured".
+
+Training time is the `Trainer`'s own clock (report.json ``train_time_s``, summed over sessions);
+the ratio divides it by the ``standard`` run of the same setting. On a shared machine these
+seconds move with the load (each run's load average is saved in ``bench.json`` beside it).
+
+``--speed``: one epoch of PGD-AT (7 steps of 2.5·eps/7 from a random start, batch 128) on the
+first ``--speed-n`` Fashion-MNIST training images, through Bastion's `Trainer` vs a minimal
+hand-written loop vs ART's ``AdversarialTrainerMadryPGD``, all from the same initial weights,
+interleaved (`_common.interleaved`); the ratios are paired by round.
+
+Progress goes to stderr; the markdown tables to stdout (and ``--json`` gets every number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_common`, when run as a script
+
+from _common import interleaved, machine_info, set_threads  # noqa: E402
+
+from bastion.attacks.adaptive import EOT  # noqa: E402
+from bastion.checkpoint import atomic_write_json, load_checkpoint  # noqa: E402
+from bastion.cli import paper_training_loop  # noqa: E402
+from bastion.data import Dataset, load_dataset  # noqa: E402
+from bastion.defenses.layers import add_sap, bound_relus  # noqa: E402
+from bastion.defenses.training import TrainConfig, Trainer, create_objective  # noqa: E402
+from bastion.evaluation import evaluate  # noqa: E402
+from bastion.models import create_model  # noqa: E402
+
+log = logging.getLogger("bastion.bench")
+
+ARCH = "cnn-small"
+# The robust-accuracy column: the standard suite (the issue's number), or APGD-CE alone where the
+# standard suite does not fit the machine (APGD-CE is its first attack, so its number is an upper
+# bound of the standard suite's: the table header says which one was run).
+SUITES: dict[str, Any] = {"standard": "standard", "apgd-ce": [("apgd", {"loss": "ce", "steps": 100})]}
+
+
+# --------------------------------------------------------------------------- the methods
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: how to build, train and attack it.
+
+    Args:
+        objective: registry name of the training objective (``bastion list defenses``).
+        options: the objective's options (besides eps).
+        adversarial: the objective takes ``eps`` (its folder name then carries it).
+        layer: ``"bounded-relu"`` or ``"sap"``: a model-side defense (see the module docstring).
+        base: a method whose trained weights this one reuses instead of training (SAP).
+        teacher: a method whose trained model is this one's distillation teacher.
+        note: shown under the table.
+    """
+
+    objective: str
+    options: dict[str, Any] = field(default_factory=dict)
+    adversarial: bool = False
+    layer: str | None = None
+    base: str | None = None
+    teacher: str | None = None
+    note: str = ""
+
+
+DISTILLATION_T = 20.0
+
+METHODS: dict[str, Method] = {
+    "standard": Method("standard"),
+    "fgsm-at": Method("fgsm-at", adversarial=True, note="Goodfellow et al. 2015: 0.5·CE(x) + 0.5·CE(FGSM(x))"),
+    "pgd-at": Method("pgd-at", {"steps": 10}, adversarial=True, note="Madry et al. 2018: 10 steps of 2.5·eps/10"),
+    "fast-at": Method("fast-at", adversarial=True, note="Wong et al. 2020: FGSM from a random start, step 1.25·eps, "
+                                                         "cyclic learning rate"),
+    "free-at": Method("free-at", {"replays": 8}, adversarial=True,
+                      note="Shafahi et al. 2019: m = 8 replays, ceil(epochs/8) epochs"),
+    "alp": Method("alp", adversarial=True, note="Kannan et al. 2018: mixed CE + 0.5·logit pairing, PGD-10"),
+    "clp": Method("clp", note="Kannan et al. 2018: clean logit pairing, lam 0.5"),
+    "trades": Method("trades", adversarial=True, note="Zhang et al. 2019: beta 6, 10 KL steps"),
+    "mma": Method("mma", adversarial=True, note="Ding et al. 2020: dmax = eps"),
+    "mart": Method("mart", adversarial=True, note="Wang et al. 2020: beta 6, PGD-10"),
+    "gaussian-augmentation": Method("gaussian-augmentation", note="Zantedeschi et al. 2017: sigma 0.1"),
+    "label-smoothing": Method("label-smoothing", note="Warde-Farley & Goodfellow 2016: max value 0.9"),
+    "distillation-teacher": Method("distillation", {"temperature": DISTILLATION_T},
+                                   note=f"the teacher of distillation (T = {DISTILLATION_T:g})"),
+    "distillation": Method("distillation", {"temperature": DISTILLATION_T}, teacher="distillation-teacher",
+                           note=f"Papernot et al. 2016 at T = {DISTILLATION_T:g} (the paper: 100)"),
+    "gradient-regularization": Method("gradient-regularization", note="Ross & Doshi-Velez 2018: lam 1, L2"),
+    "contractive": Method("contractive", note="Gu & Rigazio 2015: lam 1e-3"),
+    "bounded-relu": Method("standard", layer="bounded-relu", note="Zantedeschi et al. 2017: ReLUs capped at 1, CE"),
+    "sap": Method("standard", layer="sap", base="standard",
+                  note="Dhillon et al. 2018: SAP-100 after every ReLU of the standard model (no training)"),
+}
+GROUPS = {
+    "all": [m for m in METHODS if m != "distillation-teacher"],
+    "fast": ["standard", "fgsm-at", "fast-at", "gaussian-augmentation", "label-smoothing"],
+}
+
+
+def parse_methods(text: str) -> list[tuple[str, float | None]]:
+    """``standard,fgsm-at@0.3,fast`` -> [(method, eps or None: --eps)], groups expanded, order kept."""
+    out: list[tuple[str, float | None]] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, eps = part.partition("@")
+        names = GROUPS.get(name, [name])
+        for n in names:
+            if n not in METHODS:
+                raise SystemExit(f"--methods: unknown method {n!r}; known: {', '.join(METHODS)} "
+                                 f"or the groups {', '.join(GROUPS)}")
+            item = (n, float(eps) if eps else None)
+            if item not in out:
+                out.append(item)
+    return out
+
+
+# --------------------------------------------------------------------------- one run
+@dataclass
+class Setting:
+    data: str
+    train_n: int | None
+    epochs: int
+    eval_n: int
+    eps: float
+    root: Path
+    device: str
+    eot: int
+    suite: str = "standard"
+    batch_size: int = 128
+    lr: float = 0.05
+    seed: int = 0
+
+    def tag(self) -> str:
+        extra = (f"-b{self.batch_size}" if self.batch_size != 128 else "") + (f"-lr{self.lr:g}" if self.lr != 0.05 else "")
+        return f"n{self.train_n or 'all'}-e{self.epochs}{extra}"
+
+
+def run_dir(s: Setting, method: str, eps: float) -> Path:
+    m = METHODS[method]
+    if m.base is not None:  # SAP reuses its base's weights: its folder only holds evaluations
+        return s.root / s.data / f"{method}-{s.tag()}"
+    return s.root / s.data / (f"{method}-{eps:g}-{s.tag()}" if m.adversarial else f"{method}-{s.tag()}")
+
+
+def spread(data: Dataset, n: int | None) -> Dataset:
+    """`n` images spread evenly over `data` (class-balanced on splits sorted by class, like mnist-5k's)."""
+    if n is None or n >= len(data):
+        return data
+    return data.subset((torch.arange(n) * len(data)) // n)
+
+
+def build_model(s: Setting, method: str, train: Dataset) -> nn.Module:
+    torch.manual_seed(s.seed)
+    model = create_model(ARCH, train.num_classes, train.shape, train.mean, train.std)
+    if METHODS[method].layer == "bounded-relu":
+        model = bound_relus(model, 1.0, copy=False)
+    return model
+
+
+def train_method(s: Setting, method: str, eps: float, train: Dataset, test: Dataset, progress: bool) -> Path:
+    """Train (or resume, or find finished) one method's run folder; returns it."""
+    m = METHODS[method]
+    out = run_dir(s, method, eps)
+    if m.base is not None:
+        return train_method(s, m.base, eps, train, test, progress)
+    if (out / "report.json").exists():
+        return out
+    options = dict(m.options)
+    if m.adversarial:
+        options["eps"] = eps
+    if m.teacher is not None:
+        options["teacher"] = str(train_method(s, m.teacher, eps, train, test, progress) / "model")
+    objective = create_objective(m.objective, **options)
+    epochs, schedule, notes = paper_training_loop(objective, s.epochs, None)
+    for note in notes:
+        log.info("%s", note)
+    cfg = TrainConfig(epochs=epochs, batch_size=s.batch_size, lr=s.lr, momentum=0.9, weight_decay=5e-4,
+                      schedule=schedule, seed=s.seed, device=s.device, checkpoint_every=25, eval_batch_size=500)
+    model = build_model(s, method, train)
+    log.info("training %s%s on %d %s images, %d epochs, into %s", method, f" (eps {eps:g})" if m.adversarial else "",
+             len(train), s.data, epochs, out)
+    out.mkdir(parents=True, exist_ok=True)
+    before = machine_info()
+    report = Trainer(model, train, test, cfg, objective, run_dir=out, resume=True, progress=progress,
+                     extra_config={"benchmark": {"method": method, "setting": s.tag(), "notes": notes,
+                                                 "layer": m.layer}}).fit()
+    atomic_write_json(out / "bench.json", {"machine_before": before, "machine_after": machine_info(),
+                                           "train_time_s": report["train_time_s"]})
+    log.info("trained %s: test accuracy %.4f in %.0f s", method, report["final"].get("test_acc", float("nan")),
+             report["train_time_s"])
+    return out
+
+
+def load_trained(s: Setting, method: str, eps: float, train: Dataset) -> nn.Module:
+    m = METHODS[method]
+    folder = run_dir(s, m.base or method, eps)
+    model = build_model(s, m.base or method, train)
+    load_checkpoint(folder / "model", model)  # into the same structure (a rebuilt spec would lose BoundedReLU)
+    model.eval()
+    if m.layer == "sap":
+        model = add_sap(model, fraction=1.0, copy=False)
+    return model.to(s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def eval_method(s: Setting, method: str, eps: float, train: Dataset, test: Dataset, progress: bool) -> dict[str, Any]:
+    """Clean, FGSM, PGD-20 and standard-suite accuracies of a trained method (cached in its folder)."""
+    out = run_dir(s, method, eps)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / f"eval-linf{eps:g}-n{len(test)}-{s.suite}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    model = load_trained(s, method, eps, train)
+    threat = f"linf:{eps:g}"
+    randomized = METHODS[method].layer == "sap"
+    res: dict[str, Any] = {"method": method, "eps": eps, "n": len(test), "threat": threat}
+    torch.manual_seed(s.seed)
+    t0 = time.perf_counter()
+    fgsm = evaluate(model, test, threat, [("fgsm", {})], progress=False, seed=s.seed)
+    pgd = evaluate(model, test, threat, "quick", progress=False, seed=s.seed)
+    res.update(clean=pgd.clean_accuracy, fgsm=fgsm.robust_accuracy, pgd20=pgd.robust_accuracy,
+               naive_s=round(time.perf_counter() - t0, 1))
+    target = EOT(model, n=s.eot) if randomized else model
+    log.info("%s: clean %.3f, FGSM %.3f, PGD-20 %.3f; now the %s suite%s on %d images", method, res["clean"],
+             res["fgsm"], res["pgd20"], s.suite, f" on EOT(n={s.eot})" if randomized else "", len(test))
+    t0 = time.perf_counter()
+    std = evaluate(target, test, threat, SUITES[s.suite], progress=progress, seed=s.seed,
+                   state_file=out / f"state-linf{eps:g}-n{len(test)}-{s.suite}.jsonl")
+    res.update(standard=std.robust_accuracy, standard_clean=std.clean_accuracy,
+               per_attack={a.label: a.robust_accuracy for a in std.attacks},
+               standard_s=round(time.perf_counter() - t0, 1), notes=std.notes,
+               suite=s.suite, eot=s.eot if randomized else None, machine=machine_info())
+    atomic_write_json(cache, res)
+    log.info("%s: %s suite %.3f (%.0f s)", method, s.suite, res["standard"], res["standard_s"])
+    return res
+
+
+# --------------------------------------------------------------------------- tables
+def _pct(v: float | None) -> str:
+    return "not measured" if v is None else f"{100 * v:.1f}"
+
+
+def collect(s: Setting, methods: list[tuple[str, float | None]]) -> list[dict[str, Any]]:
+    """Whatever is finished for these methods: training report and cached evaluation, or None."""
+    rows = []
+    for method, eps_opt in methods:
+        eps = eps_opt if eps_opt is not None else s.eps
+        m = METHODS[method]
+        folder = run_dir(s, m.base or method, eps)
+        rep = json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else None
+        cache = run_dir(s, method, eps) / f"eval-linf{eps:g}-n{s.eval_n}-{s.suite}.json"
+        ev = json.loads(cache.read_text()) if cache.exists() else None
+        rows.append({"method": method, "eps": eps, "train": rep, "eval": ev, "folder": str(run_dir(s, method, eps))})
+    return rows
+
+
+def table(s: Setting, rows: list[dict[str, Any]]) -> str:
+    std_time = None
+    std_rows = [r for r in rows if r["method"] == "standard" and r["train"]]
+    std_dir = run_dir(s, "standard", s.eps) / "report.json"
+    if std_rows:
+        std_time = std_rows[0]["train"]["train_time_s"]
+    elif std_dir.exists():
+        std_time = json.loads(std_dir.read_text())["train_time_s"]
+    suite = "standard suite" if s.suite == "standard" else f"{s.suite} (not the standard suite)"
+    lines = [f"| method | eps | clean % | FGSM % | PGD-20 % (naive) | {suite} % | train time s | × standard |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ev, tr, m = r["eval"] or {}, r["train"], METHODS[r["method"]]
+        if m.base is not None:
+            t, ratio = "0 (reuses standard)", "0"
+        elif tr is None:
+            t, ratio = "not measured", "—"
+        else:
+            t = f"{tr['train_time_s']:.0f}"
+            ratio = f"{tr['train_time_s'] / std_time:.1f}" if std_time else "—"
+        std_col = _pct(ev.get("standard"))
+        if ev.get("eot"):
+            std_col += f" (EOT-{ev['eot']})"
+        clean = ev.get("standard_clean", ev.get("clean")) if ev.get("eot") else ev.get("clean")
+        lines.append(f"| {r['method']} | {r['eps']:g} | {_pct(clean)} | {_pct(ev.get('fgsm'))} | "
+                     f"{_pct(ev.get('pgd20'))} | {std_col} | {t} | {ratio} |")
+    return "\n".join(lines)
+
+
+def findings(rows: list[dict[str, Any]], suite: str = "standard") -> list[str]:
+    """Plain sentences about catastrophic overfitting, Fast AT vs PGD-AT and naive-vs-suite gaps."""
+    by = {(r["method"], r["eps"]): r for r in rows}
+    suite = "standard suite" if suite == "standard" else suite
+    out = []
+    for (method, eps), r in by.items():
+        ev = r["eval"]
+        if ev is None:
+            continue
+        if method in ("fgsm-at", "fast-at"):
+            gap = ev["fgsm"] - ev["standard"]
+            stopped = (r["train"] or {}).get("stopped")
+            co = gap > 0.3 or (ev["fgsm"] > 0.5 and ev["standard"] < 0.05)
+            out.append(f"{method} at eps {eps:g}: FGSM {100 * ev['fgsm']:.1f}% vs "
+                       f"{100 * ev['standard']:.1f}% ({suite}) — "
+                       + ("catastrophic overfitting (robust to its own single-step attack only)" if co
+                          else "no catastrophic overfitting")
+                       + (f"; training stopped early: {stopped}" if stopped else ""))
+        if ev["pgd20"] - ev["standard"] > 0.1:
+            out.append(f"{method}: naive PGD-20 says {100 * ev['pgd20']:.1f}% but the {suite} "
+                       f"{100 * ev['standard']:.1f}%: the naive number overstates its robustness")
+    fast = next((r for r in rows if r["method"] == "fast-at"), None)
+    pgd = next((r for r in rows if r["method"] == "pgd-at" and fast and r["eps"] == fast["eps"]), None)
+    if fast and pgd and fast["eval"] and pgd["eval"] and fast["train"] and pgd["train"]:
+        rob = fast["eval"]["standard"] / max(pgd["eval"]["standard"], 1e-9)
+        tim = fast["train"]["train_time_s"] / pgd["train"]["train_time_s"]
+        ok = rob >= 0.9 and tim <= 1 / 3
+        out.append(f"Fast AT vs PGD-AT: {100 * rob:.0f}% of PGD-AT's robust accuracy ({suite}) in "
+                   f"{100 * tim:.0f}% of its training time — target (≥ 90% in ≤ 1/3) {'met' if ok else 'not met'}")
+    return out
+
+
+# --------------------------------------------------------------------------- speed: Trainer vs hand loop vs ART
+def hand_pgd_at_epoch(model: nn.Module, x_all: Tensor, y_all: Tensor, *, eps: float, steps: int, lr: float,
+                      batch_size: int, seed: int) -> nn.Module:
+    """The physical limit: one epoch of PGD-AT written by hand (steps+1 forward/backward passes per batch)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    alpha = 2.5 * eps / steps
+    model.train()
+    perm = torch.randperm(len(x_all))
+    for i in range(0, len(x_all), batch_size):
+        idx = perm[i:i + batch_size]
+        x, y = x_all[idx], y_all[idx]
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+        delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x + delta), y)
+            (g,) = torch.autograd.grad(loss, [delta])
+            delta = (delta.detach() + alpha * g.sign()).clamp(-eps, eps)
+            delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+        loss = F.cross_entropy(model((x + delta).detach()), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model
+
+
+def speed(args: argparse.Namespace) -> dict[str, Any]:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # ART's progress bars
+    train = load_dataset("fashion-mnist", "train").take(args.speed_n)
+    x_all, y_all = train.images.contiguous(), train.labels.contiguous()
+    torch.manual_seed(0)
+    init = create_model(ARCH, train.num_classes, train.shape, train.mean, train.std)
+    eps, steps, lr, bs = args.eps, 7, 0.01, 128
+
+    def fresh() -> nn.Module:
+        return copy.deepcopy(init).train()
+
+    def bastion() -> nn.Module:
+        model = fresh()
+        cfg = TrainConfig(epochs=1, batch_size=bs, lr=lr, momentum=0.9, weight_decay=0.0, schedule="constant",
+                          seed=0, device="cpu")
+        Trainer(model, train, None, cfg, create_objective("pgd-at", eps=eps, steps=steps), progress=False).fit()
+        return model
+
+    def hand() -> nn.Module:
+        return hand_pgd_at_epoch(fresh(), x_all, y_all, eps=eps, steps=steps, lr=lr, batch_size=bs, seed=0)
+
+    fns = {"bastion Trainer + pgd-at": bastion, "hand-written loop": hand}
+    try:
+        from art.defences.trainer import AdversarialTrainerMadryPGD
+        from art.estimators.classification import PyTorchClassifier
+
+        x_np, y_np = x_all.numpy(), y_all.numpy()
+
+        def art() -> nn.Module:
+            model = fresh()
+            clf = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(),
+                                    optimizer=torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
+                                    input_shape=train.shape, nb_classes=train.num_classes, clip_values=(0.0, 1.0),
+                                    device_type="cpu")
+            AdversarialTrainerMadryPGD(clf, nb_epochs=1, batch_size=bs, eps=eps, eps_step=2.5 * eps / steps,
+                                       max_iter=steps, num_random_init=1).fit(x_np, y_np)
+            return model
+
+        fns["ART AdversarialTrainerMadryPGD"] = art
+    except ImportError as e:  # pragma: no cover - ART is a bench extra
+        log.warning("ART not installed (%s): no ART column", e)
+    timings = interleaved(fns, repeats=args.repeats, on_sample=lambda n, dt: log.info("  %-32s %.2f s", n, dt))
+    hand_t = timings["hand-written loop"]
+    rows = []
+    for name, t in timings.items():
+        rows.append({"name": name, "median_s": t.median, "samples_s": t.samples, "warmup_s": t.warmup_s,
+                     "ratio_to_hand": t.ratio_to(hand_t), "error": t.error})
+    return {"n": len(train), "batch_size": bs, "eps": eps, "steps": steps, "repeats": args.repeats, "rows": rows,
+            "machine": machine_info()}
+
+
+def speed_table(res: dict[str, Any]) -> str:
+    lines = ["| trainer | median s per epoch | × hand loop | samples s |", "|---|---|---|---|"]
+    for r in res["rows"]:
+        if r["error"]:
+            lines.append(f"| {r['name']} | failed: {r['error']} | | |")
+            continue
+        lines.append(f"| {r['name']} | {r['median_s']:.2f} | {r['ratio_to_hand']:.3f} | "
+                     f"{', '.join(f'{v:.2f}' for v in r['samples_s'])} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="fashion-mnist", choices=("fashion-mnist", "mnist-5k", "digits"))
+    p.add_argument("--methods", default="all",
+                   help=f"comma-separated methods, METHOD@EPS for another eps, or a group ({', '.join(GROUPS)}); "
+                        f"known: {', '.join(METHODS)}")
+    p.add_argument("--eps", type=float, default=0.1, help="L∞ radius of training and evaluation")
+    p.add_argument("--train-n", type=int, default=None, help="first N training images (default: all)")
+    p.add_argument("--epochs", type=int, default=10, help="epoch budget per method (free-at: ceil(epochs/8))")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
+    p.add_argument("--eval-n", type=int, default=1000, help="test images, spread evenly over the test split")
+    p.add_argument("--suite", choices=tuple(SUITES), default="standard",
+                   help="robust-accuracy suite: the standard preset, or APGD-CE-100 alone (an upper bound of it, "
+                        "for machines where the standard suite does not fit)")
+    p.add_argument("--eot", type=int, default=8, help="EOT draws for the adaptive evaluation of SAP")
+    p.add_argument("--root", type=Path, default=Path("runs/training"), help="where the run folders go")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: digits, standard and fast-at, 1 epoch, 50 evaluation images")
+    p.add_argument("--table-only", action="store_true", help="train and evaluate nothing: print what is finished")
+    p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("--speed", action="store_true", help="only the PGD-AT epoch timing: Trainer vs hand loop vs ART")
+    p.add_argument("--speed-n", type=int, default=1024, help="training images of the timed epoch")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds of --speed (after one warm-up each)")
+    p.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.data, a.methods, a.epochs, a.eval_n, a.train_n = "digits", "standard,fast-at", 1, 50, None
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    set_threads(args.threads)
+    if args.speed:
+        res = speed(args)
+        print(f"One epoch of PGD-AT (7 steps, eps {args.eps:g}, batch 128) on {res['n']} Fashion-MNIST training "
+              f"images, {args.repeats} interleaved rounds after a warm-up, {torch.get_num_threads()} threads:\n")
+        print(speed_table(res))
+    else:
+        s = Setting(args.data, args.train_n, args.epochs, args.eval_n, args.eps, args.root, args.device, args.eot,
+                    args.suite, args.batch_size, args.lr)
+        methods = parse_methods(args.methods)
+        train = load_dataset(args.data, "train").take(args.train_n)
+        test = spread(load_dataset(args.data, "test"), args.eval_n)
+        if not args.table_only:
+            for method, eps_opt in methods:
+                eps = eps_opt if eps_opt is not None else args.eps
+                t0 = time.perf_counter()
+                train_method(s, method, eps, train, test, args.progress)
+                if not args.no_eval:
+                    eval_method(s, method, eps, train, test, args.progress)
+                log.info("%s done (%.0f s this session)", method, time.perf_counter() - t0)
+        rows = collect(s, methods)
+        res = {"setting": {**vars(s), "root": str(s.root), "train_images": len(train), "eval_images": len(test),
+                           "arch": ARCH, "params": sum(p.numel() for p in build_model(s, "standard", train).parameters())},
+               "rows": rows, "findings": findings(rows, s.suite)}
+        print(f"{args.data}, {ARCH} ({res['setting']['params']:,} parameters), {len(train)} training images, "
+              f"{args.epochs} epochs, batch {args.batch_size}, peak lr {args.lr:g}, evaluation on {len(test)} test "
+              f"images, L∞ eps {args.eps:g}:\n")
+        print(table(s, rows))
+        for line in res["findings"]:
+            print(f"\n* {line}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    main()
