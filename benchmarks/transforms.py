@@ -126,8 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--thermo-epochs", type=int, default=1, help="fine-tuning epochs of the thermometer classifier")
     p.add_argument("--n-speed", type=int, default=1000, help="images per throughput call")
     p.add_argument("--n-speed-slow", type=int, default=100,
-                   help="images per throughput call for TVM (ART's takes ~0.4 s an image), PixelDefend and "
-                        "Defense-GAN")
+                   help="images per throughput call for TVM (ART's takes ~0.4 s an image), PixelDefend, "
+                        "Defense-GAN and BaRT")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (speed)")
     p.add_argument("--budget", type=float, default=300.0, help="seconds after which a competitor gets no more rounds")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (the same for Bastion and ART)")
@@ -506,7 +506,7 @@ def speed_pairs(ctx: Ctx) -> list[tuple[str, str, Callable[[], nn.Module], Calla
         ("shield", "20/40/60/80", lambda: t("shield"), None, "n"),
         ("gaussian-blur", "sigma 1", lambda: t("gaussian-blur:sigma=1.0"), None, "n"),
         ("quilting", f"{a.quilting_patches} patches", quilting, None, "n"),
-        ("bart", f"k={a.bart_k}", lambda: t(f"bart:k={a.bart_k}"), None, "n"),
+        ("bart", f"k={a.bart_k}", lambda: t(f"bart:k={a.bart_k}"), None, "n_slow"),
         ("gaussian-noise", "sigma 0.1", lambda: t("gaussian-noise:sigma=0.1"),
          lambda: pre().GaussianAugmentation(sigma=0.1, augmentation=False, clip_values=(0.0, 1.0), apply_predict=True),
          "n"),
