@@ -84,3 +84,26 @@ def test_attack_view_adds_eot_only_for_randomized_pipelines(digits_model):
     assert torch.allclose(z, draws, atol=1e-5)
     with pytest.raises(ValueError, match="`eot` must be an int >= 1"):
         noisy.attack_view(eot=0)
+
+
+def test_adapt_model_widens_the_first_layer_even_when_a_head_is_a_shallower_sibling():
+    from torch import nn
+
+    from bastion.defenses.transforms.thermometer import Thermometer, adapt_model
+
+    class Net(nn.Module):  # the zoo's layout: features (nested) first, then a Linear head as a direct child
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
+            self.head = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    wide = adapt_model(net, 8, channels=1)
+    assert wide.features[0].in_channels == 8 and wide.head.in_features == 4 * 6 * 6  # the head is untouched
+    x = torch.rand(2, 1, 6, 6)
+    assert wide(Thermometer(8)(x)).shape == (2, 3)
+    assert adapt_model(nn.Conv2d(1, 2, 3), 4).in_channels == 4  # a bare layer is widened itself

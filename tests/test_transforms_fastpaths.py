@@ -56,3 +56,36 @@ def test_the_median_network_selects_the_median_of_every_0_1_input():
                 w[b] = max(va, vb)
         assert w[out] == sorted(bits)[4], bits
     assert len([o for o in ops if o[0] == "cmp"]) <= 25
+
+
+# ------------------------------------------------------------------------------ JPEG mosaic
+def _pillow_one_by_one(x: torch.Tensor, qualities: list[int]) -> torch.Tensor:
+    """The reference: every gray image through Pillow alone (what `jpeg_roundtrip` must equal)."""
+    from bastion.defenses.transforms.jpeg import _codec_one
+
+    u8 = (x * 255.0).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    return torch.from_numpy(np.stack([_codec_one(a, q) for a, q in zip(u8, qualities)])).unsqueeze(1).float() / 255
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (13, 21), (8, 16), (5, 3)])  # partial blocks on either edge, none, tiny
+def test_jpeg_mosaic_equals_one_codec_call_per_image(shape):
+    from bastion.data import load_dataset
+    from bastion.defenses.transforms.jpeg import jpeg_roundtrip
+
+    g = torch.Generator().manual_seed(sum(shape))
+    if shape == (28, 28):  # real images (smooth regions, sharp edges), plus noise images
+        x = torch.cat([load_dataset("mnist-5k", "test").images[:20], torch.rand(5, 1, 28, 28, generator=g)])
+    else:
+        x = torch.rand(25, 1, *shape, generator=g)
+    qualities = torch.randint(1, 101, (len(x),), generator=g).tolist()
+    qualities[:10] = [75] * 10  # a group sharing one quality, and singletons
+    assert torch.equal(jpeg_roundtrip(x, qualities), _pillow_one_by_one(x, qualities))
+    assert torch.equal(jpeg_roundtrip(x, 30), _pillow_one_by_one(x, [30] * len(x)))
+
+
+def test_jpeg_mosaic_split_when_too_large(monkeypatch):
+    from bastion.defenses.transforms import jpeg as jpeg_mod
+
+    x = torch.rand(11, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(jpeg_mod, "_MOSAIC_MAX_SIDE", 40)  # at most 2 padded 16×16 images a side: forces splits
+    assert torch.equal(jpeg_mod.jpeg_roundtrip(x, 60), _pillow_one_by_one(x, [60] * 11))

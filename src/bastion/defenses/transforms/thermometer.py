@@ -98,11 +98,16 @@ def adapt_model(model: nn.Module, levels: int, channels: int = 1) -> nn.Module:
     check_int_range(levels, "levels", 2)
     check_int_range(channels, "channels", 1)
     new = copy.deepcopy(model)
-    for parent in new.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, (nn.Conv2d, nn.Linear)):
-                setattr(parent, name, _widen(child, levels, channels))
-                return new
+    # depth-first, in definition order: the first layer, even when a sibling of the block that
+    # holds it (a classifier head after a `features` Sequential) is a Linear
+    for qual, layer in new.named_modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            wide = _widen(layer, levels, channels)
+            if not qual:
+                return wide
+            parent_name, _, name = qual.rpartition(".")
+            setattr(new.get_submodule(parent_name) if parent_name else new, name, wide)
+            return new
     raise ValueError("adapt_model: found no nn.Conv2d or nn.Linear layer in the model")
 
 
