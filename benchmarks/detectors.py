@@ -173,9 +173,6 @@ def detector_specs(args) -> dict[str, str]:
         "magnet": "magnet",
         "mrr-penultimate": "mrr:n=16",
         "mrr": mrr_spec(args, 16),
-        # a third checkpoint, the flattened last conv block of cnn-small (DeepFense spreads its
-        # defenders over several latent layers and the input)
-        "mrr-3layers": mrr_spec(args, 16).replace('[null,"input"]', '[null,"input","net.features.9"]'),
     }
     if args.data == "fashion-mnist":
         specs["feature-squeeze"] = 'feature-squeeze:squeezers=["bit-depth:bits=4","median:size=2"]'
@@ -376,13 +373,14 @@ def _adaptive_cw(ctx: Context, det, sp: float) -> dict[str, Any]:
 def table_mrr(ctx: Context) -> dict[str, Any]:
     a = ctx.args
     done = {(r["N"], r["SP"]): r for r in (partial_rows(ctx, "mrr") or [])}
-    rows = []
+    grid = {(n_def, sp) for n_def in a.defenders for sp in a.sps}
+    rows = [r for k, r in done.items() if k not in grid]  # cells of other --defenders/--sps runs are kept
 
     def table() -> dict[str, Any]:
         ref = plain_cw(ctx)
         return {"n": a.n_adaptive, "cw": cw_kw(a), "key": adaptive_key(ctx),
                 "plain_cw": {"success_rate": ref["success_rate"], "median_l2": ref["median_l2"]},
-                "rows": rows, "article_sp5_n16": ARTICLE_TABLE2_SP5_N16}
+                "rows": sorted(rows, key=lambda r: (r["SP"], r["N"])), "article_sp5_n16": ARTICLE_TABLE2_SP5_N16}
 
     for n_def in a.defenders:
         name = "mrr" if n_def == 16 else f"mrr-n{n_def}"
