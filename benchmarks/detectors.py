@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="mnist-5k, fashion-mnist or digits (default mnist-5k; digits with --quick)")
     p.add_argument("--out", type=Path, required=True, help="folder for config.json, results.json, tables.md")
     p.add_argument("--tables", default=",".join(TABLES), help=f"comma-separated subset of {', '.join(TABLES)}")
+    p.add_argument("--detectors", default=None,
+                   help="comma-separated detectors of tables 1, 3 and 4 (default: all of `detector_specs`)")
     p.add_argument("--epochs", type=int, default=None, help="mnist-5k/digits classifier epochs (default 10; 5 quick)")
     p.add_argument("--fit-limit", type=int, default=None,
                    help="training images the detectors are fit on (default: all; 10000 on fashion-mnist)")
@@ -116,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.defenders = [int(n) for n in (a.defenders or ("0,1,2,4" if q else "0,1,2,4,8,16")).split(",")]
     a.sps = [float(s) for s in a.sps.split(",")]
     a.tables = [t for t in a.tables.split(",") if t]
+    a.detectors = None if a.detectors is None else [d for d in a.detectors.split(",") if d]
     bad = sorted(set(a.tables) - set(TABLES))
     if bad:
         p.error(f"--tables: unknown {', '.join(bad)}; choose from {', '.join(TABLES)}")
@@ -138,7 +141,7 @@ def train_classifier(data, epochs: int, seed: int) -> torch.nn.Module:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        log.info("classifier epoch %d/%d: loss %.4f", epoch + 1, epochs, float(loss))
+        log.info("classifier epoch %d/%d: loss %.4f", epoch + 1, epochs, float(loss.detach()))
     return model.eval()
 
 
@@ -168,7 +171,8 @@ def detector_specs(args) -> dict[str, str]:
         "kde-bu": f'kde-bu:bandwidth="auto",seed=0,threat="linf:{eps}"',
         "feature-squeeze": "feature-squeeze",
         "magnet": "magnet",
-        "mrr": "mrr:n=16",
+        "mrr-penultimate": "mrr:n=16",
+        "mrr": mrr_spec(args, 16),
     }
     if args.data == "fashion-mnist":
         specs["feature-squeeze"] = 'feature-squeeze:squeezers=["bit-depth:bits=4","median:size=2"]'
@@ -176,8 +180,13 @@ def detector_specs(args) -> dict[str, str]:
         specs["metzen"] += ",epochs=10"
         specs["feature-squeeze"] = 'feature-squeeze:squeezers=["bit-depth:bits=1","bit-depth:bits=2"]'
         specs["magnet"] = "magnet:structure=[16],ae_epochs=25"
-        specs["mrr"] = "mrr:n=16,epochs=20"
+        specs["mrr-penultimate"] = "mrr:n=16,epochs=20"
     return specs
+
+
+def mrr_spec(args, n: int) -> str:
+    """MRR with n defenders spread over the penultimate layer and the pixels, combined by mean log-odds."""
+    return f'mrr:n={n},layer=[null,"input"],combine="logit"' + (",epochs=20" if args.data == "digits" else "")
 
 
 def cw_kw(args) -> dict[str, Any]:
@@ -242,7 +251,30 @@ class Context:
         return det
 
     def all_detectors(self) -> dict[str, Any]:
-        return {name: self.detector(name) for name in detector_specs(self.args)}
+        names = self.args.detectors or list(detector_specs(self.args))
+        unknown = sorted(set(names) - set(detector_specs(self.args)))
+        if unknown:
+            raise SystemExit(f"--detectors: unknown {', '.join(unknown)}; choose from {', '.join(detector_specs(self.args))}")
+        return {name: self.detector(name) for name in names}
+
+    def adversarial(self, name: str, attack, threat: str | None, n: int) -> tuple[torch.Tensor, ...]:
+        """(x_adv, success, l2) of `attack` on the first n test images, cached in ``--out/advs`` (keyed by config)."""
+        from safetensors.torch import load_file, save_file
+
+        key = json.dumps({"config": attack.config(), "threat": threat, "n": n, "seed": self.args.seed}, sort_keys=True,
+                         default=str)
+        path = self.args.out / "advs" / f"{name}.safetensors"
+        if path.exists():
+            t = load_file(str(path))
+            if json.loads(bytes(t["key"].tolist()).decode()) == json.loads(key):
+                return t["x_adv"], t["success"], t["l2"], None
+        t0 = time.perf_counter()
+        x_adv, success, l2 = run_attack(attack, self.model, self.x[:n], self.y[:n], threat, self.args.seed)
+        secs = time.perf_counter() - t0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"x_adv": x_adv.contiguous(), "success": success, "l2": l2,
+                   "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(path))
+        return x_adv, success, l2, secs
 
 
 # --------------------------------------------------------------------------- tables
@@ -257,14 +289,19 @@ def table_auc(ctx: Context) -> dict[str, Any]:
         "jsma": (create_attack("jsma", gamma=0.1), None, a.n_jsma),
     }
     advs, attacks = {}, {}
+    old = (ctx.results.get("auc") or {}).get("attacks", {})
+    fresh = False
     for name, (atk, threat, n) in suite.items():
-        t = time.perf_counter()
-        advs[name] = run_attack(atk, m, x[:n], y[:n], threat, a.seed)
-        secs = time.perf_counter() - t
-        l2 = advs[name][2][advs[name][1]]
-        attacks[name] = {"n": n, "threat": threat, "config": atk.config(), "success_rate": float(advs[name][1].float().mean()),
+        x_adv, succ, l2_all, secs = ctx.adversarial(name, atk, threat, n)
+        advs[name] = (x_adv, succ, l2_all)
+        if secs is None:  # read back from the cache: keep the time of the run that made it
+            secs = (old.get(name) or {}).get("seconds")
+        else:
+            fresh = True
+        l2 = l2_all[succ]
+        attacks[name] = {"n": n, "threat": threat, "config": atk.config(), "success_rate": float(succ.float().mean()),
                          "median_l2": float(l2.median()) if l2.numel() else None, "seconds": secs}
-        log.info("attack %s on %d: success %.3f (%.0fs)", name, n, attacks[name]["success_rate"], secs)
+        log.info("attack %s on %d: success %.3f (%s s)", name, n, attacks[name]["success_rate"], secs)
     rows = {}
     for dname, det in ctx.all_detectors().items():
         ev = DetectionEval(det, threshold_from=ctx.x_val, fpr=0.05)
@@ -278,19 +315,42 @@ def table_auc(ctx: Context) -> dict[str, Any]:
         rows[dname] = row
         log.info("AUC %s: %s", dname, {k: round(v["auc"], 3) if isinstance(v, dict) and v["auc"] is not None else v
                                        for k, v in row.items()})
-    return {"attacks": attacks, "rows": rows, "deepfense_mnist_auc": DEEPFENSE_MNIST_AUC}
+    # rows of detectors measured by earlier runs on the very same (cached) adversarial examples
+    merged = {} if fresh else dict((ctx.results.get("auc") or {}).get("rows", {}))
+    merged.update(rows)
+    return {"attacks": attacks, "rows": merged, "deepfense_mnist_auc": DEEPFENSE_MNIST_AUC}
+
+
+def adaptive_key(ctx: Context) -> dict[str, Any]:
+    """What the cells of the adaptive tables depend on: a stored cell is reused only under the same key."""
+    a = ctx.args
+    return {"n": a.n_adaptive, "cw": cw_kw(a), "eps": a.eps, "seed": a.seed, "n_val": a.n_val}
+
+
+def partial_rows(ctx: Context, table: str) -> Any:
+    """Rows of `table` stored by an earlier (possibly interrupted) run with the same `adaptive_key`."""
+    old = ctx.results.get(table) or {}
+    return old.get("rows") if old.get("key") == adaptive_key(ctx) else None
 
 
 def plain_cw(ctx: Context) -> dict[str, Any]:
-    """detector-cw without a detector (plain C&W, same optimizer) on the first n_adaptive images: the reference L2."""
+    """detector-cw without a detector (plain C&W, same optimizer) on the first n_adaptive images: the reference L2.
+
+    Stored in results.json (``plain_cw``, with the norms) so that a resumed run normalizes by the same reference.
+    """
     if "plain_cw" not in ctx.__dict__:
         a = ctx.args
         n = a.n_adaptive
+        old = ctx.results.get("plain_cw") or {}
+        if old.get("key") == adaptive_key(ctx):
+            ctx.plain_cw = {**old, "l2": torch.tensor(old["l2"])}
+            return ctx.plain_cw
         t = time.perf_counter()
         _, ok, l2 = run_attack(DetectorAwareCW(**cw_kw(a)), ctx.model, ctx.x[:n], ctx.y[:n], None, a.seed)
         ctx.plain_cw = {"l2": l2[ok], "success_rate": float(ok.float().mean()),
                         "median_l2": float(l2[ok].median()) if bool(ok.any()) else None,
                         "seconds": time.perf_counter() - t}
+        ctx.save("plain_cw", {**ctx.plain_cw, "l2": ctx.plain_cw["l2"].tolist(), "key": adaptive_key(ctx)})
         log.info("plain C&W on the undefended model: success %.3f, median L2 %s (%.0fs)", ctx.plain_cw["success_rate"],
                  ctx.plain_cw["median_l2"], ctx.plain_cw["seconds"])
     return ctx.plain_cw
@@ -312,32 +372,46 @@ def _adaptive_cw(ctx: Context, det, sp: float) -> dict[str, Any]:
 
 def table_mrr(ctx: Context) -> dict[str, Any]:
     a = ctx.args
-    rows = []
+    done = {(r["N"], r["SP"]): r for r in (partial_rows(ctx, "mrr") or [])}
+    grid = {(n_def, sp) for n_def in a.defenders for sp in a.sps}
+    rows = [r for k, r in done.items() if k not in grid]  # cells of other --defenders/--sps runs are kept
+
+    def table() -> dict[str, Any]:
+        ref = plain_cw(ctx)
+        return {"n": a.n_adaptive, "cw": cw_kw(a), "key": adaptive_key(ctx),
+                "plain_cw": {"success_rate": ref["success_rate"], "median_l2": ref["median_l2"]},
+                "rows": sorted(rows, key=lambda r: (r["SP"], r["N"])), "article_sp5_n16": ARTICLE_TABLE2_SP5_N16}
+
     for n_def in a.defenders:
-        name = "mrr" if n_def == 16 and not a.quick else f"mrr-n{n_def}"
-        spec = "mrr:n=16" if name == "mrr" else f"mrr:n={n_def}" + (",epochs=20" if a.data == "digits" else "")
-        det = ctx.detector(name, spec if name != "mrr" else None)
+        name = "mrr" if n_def == 16 else f"mrr-n{n_def}"
+        det = ctx.detector(name, mrr_spec(a, n_def))
         for sp in a.sps:
+            if (n_def, sp) in done:
+                rows.append(done[(n_def, sp)])
+                continue
             r = {"N": n_def, "SP": sp, **_adaptive_cw(ctx, det, sp)}
             if n_def == 0:
+                r["normalized_l2_measured"] = r["normalized_l2"]
                 r["normalized_l2"] = 1.0  # no detector: the attack is plain C&W by construction
             rows.append(r)
+            ctx.save("mrr", table())  # after every cell: an interrupted run resumes here
             log.info("MRR N=%d SP=%.2f: %s", n_def, sp, {k: (round(v, 3) if isinstance(v, float) else v)
                                                          for k, v in r.items()})
-    ref = plain_cw(ctx)
-    return {"n": a.n_adaptive, "cw": cw_kw(a), "plain_cw": {"success_rate": ref["success_rate"],
-                                                              "median_l2": ref["median_l2"]},
-            "rows": rows, "article_sp5_n16": ARTICLE_TABLE2_SP5_N16}
+    return table()
 
 
 def table_adaptive(ctx: Context) -> dict[str, Any]:
     a = ctx.args
     n = a.n_adaptive
     xa, ya = ctx.x[:n], ctx.y[:n]
-    rows = {}
+    rows = dict(partial_rows(ctx, "adaptive") or {})
     bim = create_attack("bim", steps=10)
     x_bim, _, _ = run_attack(bim, ctx.model, xa, ya, f"linf:{a.eps}", a.seed)
-    for dname, det in ctx.all_detectors().items():
+    names = ctx.args.detectors or list(detector_specs(ctx.args))
+    for dname in names:
+        if dname in rows:
+            continue
+        det = ctx.detector(dname)
         t = time.perf_counter()
         ev = DetectionEval(det, threshold_from=ctx.x_val, fpr=0.05)
         naive = ev.evaluate(xa, ya, x_bim, attack="bim")
@@ -355,7 +429,8 @@ def table_adaptive(ctx: Context) -> dict[str, Any]:
         log.info("adaptive %s: BIM defense %.3f -> detector-pgd %.3f; detector-cw defense %.3f, L2 x%s (%.0fs)", dname,
                  naive.defense_success, aware.defense_success, cw["defense_success"], cw["normalized_l2"],
                  rows[dname]["seconds"])
-    return {"n": n, "eps": a.eps, "cw": cw_kw(a), "rows": rows}
+        ctx.save("adaptive", {"n": n, "eps": a.eps, "cw": cw_kw(a), "key": adaptive_key(ctx), "rows": rows})
+    return {"n": n, "eps": a.eps, "cw": cw_kw(a), "key": adaptive_key(ctx), "rows": rows}
 
 
 def table_overhead(ctx: Context) -> dict[str, Any]:
@@ -364,7 +439,7 @@ def table_overhead(ctx: Context) -> dict[str, Any]:
     dets = dict(ctx.all_detectors())
     for n_def in (1, 2, 4, 8):  # timing does not depend on how well the defenders are trained
         name = f"mrr-n{n_def}"
-        dets[name] = ctx.detector(name, f"mrr:n={n_def}" + (",epochs=20" if a.data == "digits" else ""))
+        dets[name] = ctx.detector(name, mrr_spec(a, n_def))
     fns = {"model": lambda: ctx.model(xb)}
     for name, det in dets.items():
         fns[name] = (lambda d=det: d.scores(xb))
@@ -436,6 +511,14 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(args.out / "config.json", {**cfg, "argv": sys.argv, "machine": machine_info()})
     t0 = time.perf_counter()
     ctx = Context(args)
+    ctx.results = results
+
+    def save(table: str, value: Any) -> None:
+        """Store a (partial) table at once: results.json survives an interrupted run."""
+        results[table] = value
+        atomic_write_json(res_path, json.loads(json.dumps(results, default=float)))
+
+    ctx.save = save
     results.update({"data": args.data, "clean_accuracy": ctx.clean_accuracy, "n_val": args.n_val,
                     "n_test": args.n_test, "n_fit": int(len(ctx.fit_idx))})
     results.setdefault("seconds", {})

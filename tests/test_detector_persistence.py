@@ -92,6 +92,19 @@ def test_round_trip_scores_identically(name, setup, tmp_path):
         assert torch.equal(det.adaptive_terms(x), loaded.adaptive_terms(x))
 
 
+def test_multi_layer_mrr_round_trip(setup, tmp_path):
+    """MRR on several layers keeps one group of defenders per layer: each group's networks,
+    densities, CDFs and evasion thresholds come back."""
+    det = create_detector('mrr:n=3,layer=[null,"input"],combine="logit",epochs=2').fit(
+        setup["model"], setup["x_fit"], setup["y_fit"])
+    det.calibrate(setup["x_val"], 0.1)
+    loaded = load_detector(save_detector(det, tmp_path / "mrr"), setup["model"])
+    assert loaded.layer == [None, "input"] and [g.n for g in loaded.groups] == [2, 1]
+    x = torch.cat([setup["x"][:30], (setup["x"][:20] + 0.2 * torch.randn_like(setup["x"][:20])).clamp(0, 1)])
+    assert torch.equal(det.scores(x), loaded.scores(x))
+    assert torch.equal(det.adaptive_terms(x), loaded.adaptive_terms(x))
+
+
 def test_sklearn_parts_are_stored_as_arrays(setup, tmp_path):
     det = _fit("kde-bu", setup)
     save_detector(det, tmp_path / "kdebu")

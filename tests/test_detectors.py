@@ -180,6 +180,34 @@ def test_mrr_is_unsupervised_and_outputs_a_risk(setup, monkeypatch):
     assert u.shape == (50, 4) and not torch.allclose(u[:, 0], u[:, 1])
 
 
+def test_mrr_on_several_layers(setup):
+    """Defenders spread round-robin over the penultimate layer and the pixels, read in one forward pass."""
+    m = setup["model"]
+    det = MRR(n=3, layer=[None, "input"], combine="logit", epochs=20).fit(m, setup["x_fit"], setup["y_fit"])
+    det.calibrate(setup["x_val"], 0.1)
+    assert det.fit_info["defenders_per_layer"] == [2, 1] and det.fit_info["layers"][1] == "input"
+    assert det.fit_info["adversarial_examples_used"] == 0
+    x = torch.cat([setup["x"][:60], setup["x_adv"][:60]])
+    a, u = det.defender_values(x)
+    assert a.shape == u.shape == (120, 3)
+    # the logit rule: the sigmoid of the mean log-odds of the defenders' CDF values
+    expected = torch.sigmoid(torch.logit(u.clamp(1e-6, 1 - 1e-6)).mean(1))
+    assert torch.allclose(det.risk(x), expected)
+    # the pixel defender sees what the penultimate ones see (its own column, its own values)
+    assert not torch.allclose(u[:, 2], u[:, 0])
+    assert auc_vs_fgsm(det, setup) > 0.8
+    terms = det.adaptive_terms(x)
+    assert terms.shape == (120, 3)
+    assert not ((terms <= 0).all(1) & det.detect(x).is_adv).any()  # all fooled => under the threshold
+    # N = 1 uses the first listed layer only
+    one = MRR(n=1, layer=[None, "input"], epochs=2).fit(m, setup["x_fit"], setup["y_fit"])
+    assert one.fit_info["defenders_per_layer"] == [1]
+    with pytest.raises(ValueError, match="`layer`"):
+        MRR(layer=[])
+    with pytest.raises(ValueError, match="`layer`"):
+        MRR(layer=[None, 3])
+
+
 def test_mrr_without_defenders_flags_nothing(setup):
     det = MRR(n=0).fit(setup["model"], setup["x_fit"], setup["y_fit"])
     det.calibrate(setup["x_val"], 0.05)

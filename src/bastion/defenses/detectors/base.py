@@ -60,7 +60,7 @@ from ..._checks import check_images, check_labels
 from ..._registry import Registry
 
 __all__ = [
-    "DETECTORS", "Detection", "Detector", "LayerTap", "NotFittedError", "check_fpr", "create_detector",
+    "DETECTORS", "Detection", "Detector", "LayerTap", "MultiLayerTap", "NotFittedError", "check_fpr", "create_detector",
     "example_hashes", "find_last_linear", "list_detectors", "register_detector",
 ]
 
@@ -209,6 +209,49 @@ class LayerTap:
         if not store:
             raise RuntimeError(f"layer {self.layer or 'penultimate'!r} was not called during the forward pass")
         return logits, store[-1]
+
+
+class MultiLayerTap:
+    """Several layers' activations from *one* forward pass: ``tap(model, x) -> (logits, [features])``.
+
+    Args:
+        layers: a list of `LayerTap` layer specs (None, ``"input"``, ``"name"``, ``"name:input"``).
+    """
+
+    def __init__(self, layers: list[str | None]) -> None:
+        self.taps = [LayerTap(layer) for layer in layers]
+
+    def __call__(self, model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        resolved = [t.resolve(model) for t in self.taps]
+        store: list[list[Tensor]] = [[] for _ in resolved]
+        handles = []
+
+        def make_hook(j: int, which: str) -> Callable[..., None]:
+            def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+                t = args[0] if which == "input" else out
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"layer {self.taps[j].layer or 'penultimate'!r} produced a {type(t).__name__}, "
+                                    f"not a tensor")
+                store[j].append(t)
+            return hook
+
+        try:
+            for j, (_, module, which) in enumerate(resolved):
+                if module is not None:
+                    handles.append(module.register_forward_hook(make_hook(j, which)))
+            logits = model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        feats = []
+        for j, (_, module, _) in enumerate(resolved):
+            if module is None:
+                feats.append(x)
+            elif not store[j]:
+                raise RuntimeError(f"layer {self.taps[j].layer or 'penultimate'!r} was not called during the forward pass")
+            else:
+                feats.append(store[j][-1])
+        return logits, feats
 
 
 # --------------------------------------------------------------------------- the base class

@@ -34,7 +34,9 @@ penultimate by default, or the input):
    (kernel-smoothed) empirical CDF of the same distance on held-out legitimate data (a
    p-value-like "how unusual", comparable across defenders and classes). The N values are
    combined into the **risk** ∈ [0, 1] — the extra "don't know" output: their mean
-   (``combine="mean"``, default) or max (``"max"``: an alarm from any one defender).
+   (``combine="mean"``, default), their max (``"max"``: an alarm from any one defender), or
+   the sigmoid of their mean log-odds (``"logit"``: a geometric mean of odds, in which one
+   defender that is very sure counts for more than several that are mildly unsure).
 5. **Security parameter.** SP is the false-positive rate on clean validation data:
    ``calibrate(x_val, fpr=SP)`` sets the risk threshold (split-conformal, see
    `bastion.defenses.detectors.base`).
@@ -45,7 +47,12 @@ Departures from the article, documented:
   layer; here they are MLPs on the (fixed) checkpointed activations — much cheaper, and the
   victim is untouched in both. The article's non-differentiable *input* defenders
   (dictionary learning) are not implemented; ``layer="input"`` puts a latent-style defender
-  on the raw pixels instead.
+  on the raw pixels instead. Like the article, defenders can checkpoint several layers:
+  ``layer=[None, "input"]`` spreads the N defenders round-robin over the listed layers
+  (defender i reads layer i mod L; N = 1 uses the first only), all read from one forward
+  pass. On mnist-5k this is what lifts the AUC against FGSM from 0.90 (penultimate layer only)
+  to 1.00: large L∞ perturbations leave the pixels atypical while the penultimate features
+  of the wrong class look typical (docs/results.md).
 * SP here bounds the false-positive rate of the *combined* risk. In the article's Table 2 the
   realized FP rate grows with N (2.9% → 8.4% at SP = 1%, 6.9% → 27.6% at SP = 5%), i.e. SP
   was applied per defender; Bastion keeps the promise the user set. Use ``combine="max"``
@@ -68,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Detector, LayerTap, check_int, check_number, register_detector, seeded
+from .base import Detector, LayerTap, MultiLayerTap, check_int, check_number, register_detector, seeded
 
 __all__ = ["LatentDefenders", "MRR"]
 
@@ -105,7 +112,9 @@ class MRR(Detector):
 
     Args:
         n: number of defenders N; 0 means no detector (risk 0, nothing is flagged). Default 16.
-        layer: the checkpointed layer (see `LayerTap`): None = penultimate, ``"input"`` = pixels.
+        layer: the checkpointed layer (see `LayerTap`): None = penultimate, ``"input"`` = pixels;
+            or a list of them, over which the N defenders are spread round-robin (e.g.
+            ``[None, "input"]``: half on the penultimate features, half on the pixels).
         dim: dimension of each defender's transformed features (≥ number of classes lets the
             centres be orthogonal). Default 16.
         hidden: hidden width of each defender. Default 128.
@@ -116,7 +125,8 @@ class MRR(Detector):
         epochs, lr, batch_size: training (Adam). Defaults 30, 1e-3, 128.
         holdout: fraction of `x_clean` kept out of training, for the per-defender CDFs. Default 0.2.
         shrinkage: covariance shrinkage towards a scaled identity. Default 0.1.
-        combine: ``"mean"`` or ``"max"`` of the per-defender CDF values. Default "mean".
+        combine: ``"mean"``, ``"max"`` or ``"logit"`` (sigmoid of the mean log-odds) of the
+            per-defender CDF values. Default "mean".
         seed: seeds initialization, data order and the holdout split. Default 0.
     """
 
@@ -124,14 +134,20 @@ class MRR(Detector):
     randomized = False
     supervised = False
 
-    def __init__(self, n: int = 16, layer: str | None = None, dim: int = 16, hidden: int = 128,
+    def __init__(self, n: int = 16, layer: str | None | list[str | None] = None, dim: int = 16, hidden: int = 128,
                  radius: float = 4.0, pull: float = 0.1, push: float = 1.0, diversity: float = 1.0,
                  epochs: int = 30, lr: float = 1e-3, batch_size: int = 128, holdout: float = 0.2,
                  shrinkage: float = 0.1, combine: str = "mean", seed: int = 0) -> None:
         super().__init__()
         self.n = check_int(n, "n", 0)
-        self.layer = layer
-        self.tap = LayerTap(layer)
+        self.layer = list(layer) if isinstance(layer, tuple) else layer
+        if isinstance(self.layer, list):
+            if not self.layer:
+                raise ValueError("`layer` must be a layer spec or a non-empty list of them, got []")
+            for item in self.layer:
+                LayerTap(item)  # validates each spec, naming it
+        self.layers: list[str | None] | None = self.layer if isinstance(self.layer, list) else None
+        self.tap = LayerTap(layer) if self.layers is None else None
         self.dim = check_int(dim, "dim")
         self.hidden = check_int(hidden, "hidden")
         self.radius = check_number(radius, "radius")
@@ -147,14 +163,41 @@ class MRR(Detector):
         self.shrinkage = check_number(shrinkage, "shrinkage", allow_equal=True)
         if self.shrinkage > 1:
             raise ValueError(f"`shrinkage` must be in [0, 1], got {shrinkage!r}")
-        if combine not in ("mean", "max"):
-            raise ValueError(f"`combine` must be 'mean' or 'max', got {combine!r}")
+        if combine not in ("mean", "max", "logit"):
+            raise ValueError(f"`combine` must be 'mean', 'max' or 'logit', got {combine!r}")
         self.combine = combine
         self.seed = check_int(seed, "seed", 0)
         self.defenders: LatentDefenders | None = None
         self.center_dirs: nn.Parameter | None = None
+        #: several layers: one single-layer MRR per layer that has defenders (None: one layer)
+        self.groups: nn.ModuleList | None = None
         for name in ("h_mean", "h_std", "mu", "prec_chol", "ref", "bw", "a_star"):
             self.register_buffer(name, torch.zeros(0))
+
+    # ----------------------------------------------------------------------- several layers
+    def _group_sizes(self) -> list[int]:
+        """Defenders per listed layer: defender i reads layer i mod L."""
+        assert self.layers is not None
+        n_layers = len(self.layers)
+        return [len(range(j, self.n, n_layers)) for j in range(n_layers)]
+
+    def _make_groups(self) -> None:
+        groups = []
+        for j, n_j in enumerate(self._group_sizes()):
+            if n_j:
+                g = MRR(n=n_j, layer=self.layers[j], dim=self.dim, hidden=self.hidden, radius=self.radius,
+                        pull=self.pull, push=self.push, diversity=self.diversity, epochs=self.epochs, lr=self.lr,
+                        batch_size=self.train_batch_size, holdout=self.holdout, shrinkage=self.shrinkage,
+                        combine=self.combine, seed=self.seed + j)
+                g.batch_size = self.batch_size
+                groups.append(g)
+        self.groups = nn.ModuleList(groups)
+        self._multitap = MultiLayerTap([g.layer for g in groups])
+
+    def _extra_state(self) -> dict[str, Any]:
+        if self.groups is None:
+            return {}
+        return {"groups": [g.fitted_state() for g in self.groups]}
 
     def options(self) -> dict[str, Any]:
         return {"n": self.n, "layer": self.layer, "dim": self.dim, "hidden": self.hidden, "radius": self.radius,
@@ -164,6 +207,12 @@ class MRR(Detector):
 
     def _rebuild(self, extra: dict[str, Any], model: nn.Module) -> None:
         """The defenders and centres with the shapes `fit` gave them (their values are loaded next)."""
+        if self.layers is not None:
+            self._make_groups()
+            assert self.groups is not None
+            for g, state in zip(self.groups, extra.get("groups", [])):
+                g.restore_fitted_state(state, model)
+            return
         if self.n == 0:
             return
         d_in, k = int(self.fit_info["feature_dim"]), int(self.fit_info["classes"])
@@ -181,14 +230,32 @@ class MRR(Detector):
         assert self.center_dirs is not None
         return self.radius * F.normalize(self.center_dirs, dim=-1)
 
-    def transformed(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(victim logits (B, K), defenders' transformed features (B, N, dim)); differentiable."""
-        logits, h = self.tap(self.model, x)
+    def _transform(self, h: Tensor) -> Tensor:
+        """This layer's defenders on raw activations h: (B, n, dim)."""
         h = h.flatten(1)
         if self.n == 0:
-            return logits, h.new_zeros(h.shape[0], 0, self.dim)
+            return h.new_zeros(h.shape[0], 0, self.dim)
         assert self.defenders is not None
-        return logits, self.defenders((h - self.h_mean.to(h)) / self.h_std.to(h))
+        return self.defenders((h - self.h_mean.to(h)) / self.h_std.to(h))
+
+    def transformed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(victim logits (B, K), defenders' transformed features (B, N, dim)); differentiable."""
+        if self.groups is None:
+            logits, h = self.tap(self.model, x)
+            return logits, self._transform(h)
+        if not len(self.groups):
+            return self.model(x), x.new_zeros(x.shape[0], 0, self.dim)
+        logits, hs = self._multitap(self.model, x)
+        return logits, torch.cat([g._transform(h) for g, h in zip(self.groups, hs)], 1)
+
+    def _values_from(self, logits: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(log Mahalanobis a, CDF values u), each (B, n), of this layer's defenders on activations h."""
+        z = self._transform(h)
+        if self.n == 0:
+            e = z.new_zeros(z.shape[0], 0)
+            return e, e
+        a = self._log_mahalanobis(z, logits.argmax(1))
+        return a, self._cdf(a)
 
     def _loss(self, z: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         b, n, _ = z.shape
@@ -216,6 +283,15 @@ class MRR(Detector):
     def _fit(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor | None, **kwargs: Any) -> None:
         if kwargs:
             raise TypeError(f"MRR.fit() got unexpected keyword(s) {', '.join(sorted(kwargs))}")
+        if self.layers is not None:  # one single-layer MRR per layer, each fit on the same data
+            self._make_groups()
+            assert self.groups is not None
+            for g in self.groups:
+                g.fit(model, x, y)
+            self.fit_info = {"layers": [g.fit_info["layer"] for g in self.groups],
+                             "defenders_per_layer": [g.n for g in self.groups],
+                             "groups": [g.fit_info for g in self.groups], "adversarial_examples_used": 0}
+            return
         device = x.device
         n_total = x.shape[0]
         n_hold = max(10, int(round(self.holdout * n_total)))
@@ -315,13 +391,19 @@ class MRR(Detector):
 
     # ----------------------------------------------------------------------- scoring
     def defender_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(log Mahalanobis a (B, N), CDF values u (B, N) in [0, 1]) under the predicted class."""
-        logits, z = self.transformed(x)
-        if self.n == 0:
-            e = z.new_zeros(z.shape[0], 0)
+        """(log Mahalanobis a (B, N), CDF values u (B, N) in [0, 1]) under the predicted class.
+
+        With several layers the columns are grouped by layer (the first listed layer's defenders first).
+        """
+        if self.groups is None:
+            logits, h = self.tap(self.model, x)
+            return self._values_from(logits, h)
+        if not len(self.groups):
+            e = x.new_zeros(x.shape[0], 0)
             return e, e
-        a = self._log_mahalanobis(z, logits.argmax(1))
-        return a, self._cdf(a)
+        logits, hs = self._multitap(self.model, x)
+        parts = [g._values_from(logits, h) for g, h in zip(self.groups, hs)]
+        return torch.cat([a for a, _ in parts], 1), torch.cat([u for _, u in parts], 1)
 
     def _cdf(self, a: Tensor) -> Tensor:
         """Kernel-smoothed empirical CDF of the held-out clean values, per defender: (B, n)."""
@@ -333,6 +415,8 @@ class MRR(Detector):
         _, u = self.defender_values(x)
         if self.n == 0:
             return u.new_zeros(u.shape[0])
+        if self.combine == "logit":
+            return torch.sigmoid(torch.logit(u.clamp(1e-6, 1 - 1e-6)).mean(1))
         return u.mean(1) if self.combine == "mean" else u.amax(1)
 
     def _score(self, x: Tensor) -> Tensor:
@@ -343,7 +427,10 @@ class MRR(Detector):
         """Set the risk threshold at security parameter ``SP = fpr`` (false-positive rate on clean
         validation data), and each defender's evasion threshold (see `adaptive_terms`)."""
         t = super().calibrate(x_clean, fpr, allow_fit_data=allow_fit_data)
-        if self.n > 0:
+        if self.groups is not None:
+            for g in self.groups:
+                g.a_star = g._invert_cdf(t)
+        elif self.n > 0:
             self.a_star = self._invert_cdf(t)
         self.calibration["sp"] = self.fpr
         return t
@@ -364,7 +451,8 @@ class MRR(Detector):
         """One margin per defender (B, N): ``(a_i − a_i*) / sd_i``, a_i the log Mahalanobis distance.
 
         ≤ 0 exactly when defender i's CDF value is at or below the risk threshold; when all N
-        are ≤ 0 the risk is too (for both combine rules), so the input passes. Linear in log
+        are ≤ 0 the risk is too (for every combine rule: mean, max and mean log-odds are all
+        monotone and equal the threshold when every value does), so the input passes. Linear in log
         distance: no saturation however far out the input starts.
         """
         self._check_calibrated()
@@ -372,8 +460,12 @@ class MRR(Detector):
         a, _ = self.defender_values(x)
         if self.n == 0:
             return a
-        sd = self.ref.std(1).clamp_min(1e-3).to(a)
-        return (a - self.a_star.to(a)) / sd
+        if self.groups is not None:
+            sd = torch.cat([g.ref.std(1).clamp_min(1e-3) for g in self.groups]).to(a)
+            a_star = torch.cat([g.a_star for g in self.groups]).to(a)
+        else:
+            sd, a_star = self.ref.std(1).clamp_min(1e-3).to(a), self.a_star.to(a)
+        return (a - a_star) / sd
 
     def margin(self, x: Tensor) -> Tensor:
         """The largest per-defender margin (B,): ≤ 0 means every defender is fooled (−1 when N = 0)."""
