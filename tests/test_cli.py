@@ -46,13 +46,13 @@ def test_train_with_config_file_flags_override(tmp_path, capsys):
 
 def test_demo_runs_and_never_overwrites(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["-q", "demo", "--epochs", "1", "--audit-transform", "none", "--eval-limit", "20", "--harden", "none", "--out", str(out),
+    assert main(["-q", "demo", "--epochs", "1", "--audit-transform", "none", "--detector", "none", "--eval-limit", "20", "--harden", "none", "--out", str(out),
                  "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "clean test accuracy" in text
     report = json.loads((out / "report.json").read_text())
     assert report["final"]["test_acc"] > 0.5           # one epoch on 4,000 real MNIST digits: far above chance
-    assert main(["-q", "demo", "--epochs", "1", "--audit-transform", "none", "--eval-limit", "20", "--harden", "none", "--out", str(out),
+    assert main(["-q", "demo", "--epochs", "1", "--audit-transform", "none", "--detector", "none", "--eval-limit", "20", "--harden", "none", "--out", str(out),
                  "--no-progress"]) == 0
     assert (tmp_path / "demo-2" / "report.json").is_file()
 

@@ -152,7 +152,7 @@ def test_list_attacks(capsys):
 
 def test_demo_attacks_its_model(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["-q", "demo", "--epochs", "1", "--audit-transform", "none", "--eval-limit", "16", "--harden", "none", "--out", str(out),
+    assert main(["-q", "demo", "--epochs", "1", "--audit-transform", "none", "--detector", "none", "--eval-limit", "16", "--harden", "none", "--out", str(out),
                  "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "robust accuracy" in text and "fgsm" in text and "apgd" in text and "Security curve" in text

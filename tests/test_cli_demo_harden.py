@@ -10,7 +10,7 @@ from bastion.evaluation import Report
 
 def test_demo_hardens_its_model(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["-q", "demo", "--epochs", "1", "--audit-transform", "none", "--eval-limit", "40", "--harden-epochs", "1", "--out", str(out),
+    assert main(["-q", "demo", "--epochs", "1", "--audit-transform", "none", "--detector", "none", "--eval-limit", "40", "--harden-epochs", "1", "--out", str(out),
                  "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "Hardening — fast-at" in text and "hardening time" in text and "->" in text
@@ -30,16 +30,17 @@ def test_demo_hardens_its_model(tmp_path, capsys):
 
 def test_demo_harden_none_skips_it(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["-q", "demo", "--epochs", "1", "--audit-transform", "none", "--eval-limit", "0", "--harden", "none", "--out", str(out),
+    assert main(["-q", "demo", "--epochs", "1", "--audit-transform", "none", "--detector", "none", "--eval-limit", "0", "--harden", "none", "--out", str(out),
                  "--no-progress"]) == 0
     assert "Hardening" not in capsys.readouterr().out and not (out / "hardened").exists()
 
 
 def test_demo_audit_shows_the_transform_is_broken(tmp_path, capsys):
-    """The demo's last step: JPEG looks robust to the naive attack, the adaptive audit breaks it."""
+    """The demo's last steps: JPEG looks robust to the naive attack, the adaptive audit breaks it;
+    then a detector is fit and attacked naively and adaptively."""
     out = tmp_path / "demo"
     assert main(["-q", "demo", "--epochs", "1", "--eval-limit", "0", "--harden", "none", "--audit-n", "40",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--detector", "mrr:n=2", "--detector-n", "20", "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "Audit — the undefended model behind jpeg:quality=75" in text and "verdict" in text
     report = json.loads((out / "audit" / "report.json").read_text())
@@ -47,3 +48,11 @@ def test_demo_audit_shows_the_transform_is_broken(tmp_path, capsys):
     assert "obfuscated" in report["verdict"]
     page = (out / "audit" / "report.html").read_text()
     assert report["verdict"].split(":")[0] in page and "data:image/png;base64," in page
+    # the detector step: fit with a calibrated threshold, then evaluated naive and adaptive
+    assert "Detector — mrr:n=2" in text
+    config = json.loads((out / "detector" / "config.json").read_text())
+    assert config["calibration"] is not None and config["fit"]["n"] == 1000
+    det = json.loads((out / "detector" / "evaluate" / "report.json").read_text())
+    assert det["n"] == 20 and len(det["reports"]) >= 2
+    names = " ".join(json.dumps(r) for r in det["reports"])
+    assert "fgsm" in names and "pgd" in names and "adaptive" in names
