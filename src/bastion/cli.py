@@ -345,23 +345,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--config", metavar="FILE", help="TOML file of option values (flags override it)")
     p.add_argument("--out", default="runs/demo", metavar="DIR",
                    help="run folder (default runs/demo; an existing one is never overwritten: -2, -3, ... are used)")
-    p.add_argument("--epochs", type=_positive_int, default=6)
-    p.add_argument("--eval-limit", type=_nonnegative_int, default=200, metavar="N",
-                   help="attack N of the 1,000 test images, evenly spaced so every class is in (default 200, to keep "
+    p.add_argument("--epochs", type=_positive_int, default=3)
+    p.add_argument("--eval-limit", type=_nonnegative_int, default=100, metavar="N",
+                   help="attack N of the 1,000 test images, evenly spaced so every class is in (default 100, to keep "
                         "the demo short: surviving examples cost every attack its full budget; 1000 for all; 0 skips "
                         "the evaluation, before and after hardening)")
     p.add_argument("--harden", choices=DEMO_HARDENERS, default="fast-at",
                    help="after the attack, fine-tune the model with this training defense and attack it again "
                         "(default fast-at: Wong et al. 2020's FGSM with random start, the fastest that works here; "
                         "none skips it)")
-    p.add_argument("--harden-epochs", type=_nonnegative_int, default=2, metavar="N",
-                   help="epochs of the hardening fine-tune (default 2; 0 skips it)")
+    p.add_argument("--harden-epochs", type=_nonnegative_int, default=1, metavar="N",
+                   help="epochs of the hardening fine-tune (default 1; 0 skips it)")
     p.add_argument("--audit-transform", default="jpeg:quality=75", metavar="NAME[:K=V]",
                    help="finally audit the undefended model behind this input transformation (default "
                         "jpeg:quality=75: the naive attack says it is robust, the adaptive one breaks it); "
                         "writes RUN/audit/report.html; 'none' skips it")
-    p.add_argument("--audit-n", type=_positive_int, default=100, metavar="N",
-                   help="test images of the audit (default 100)")
+    p.add_argument("--audit-n", type=_positive_int, default=50, metavar="N",
+                   help="test images of the audit (default 50)")
     p.add_argument("--detector", default="mrr:n=4", metavar="NAME[:K=V]",
                    help="finally fit this adversarial-example detector to the undefended model (1,000 training "
                         "images, threshold at 5%% FPR on 500 others) and attack it naively and adaptively "
