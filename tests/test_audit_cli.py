@@ -81,6 +81,27 @@ def test_audit_with_a_detector(run_dir, tmp_path, capsys):
     assert "kde detector: differentiable → detector-aware PGD" in report.adaptive["choices"][-1]
 
 
+def test_audit_fits_quilting_on_the_training_split(run_dir, tmp_path, monkeypatch):
+    """Quilting needs a patch database: `bastion audit` builds it from the training images
+    before the audit starts (the audit itself is replaced: only what it is given matters)."""
+    import bastion.evaluation as ev
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_audit(target, data, threat, **kw):
+        seen["fitted"] = [getattr(t, "fitted", None) for t in target.transforms]
+        raise Stop
+
+    monkeypatch.setattr(ev, "audit", fake_audit)
+    with pytest.raises(Stop):
+        main(["-q", "audit", "--model", str(run_dir), "--transform", "quilting:patch_size=2,overlap=0,k=2",
+              "--threat", "linf:0.1", "--n", "20", "--out", str(tmp_path / "quilt"), "--no-progress"])
+    assert seen["fitted"] == [True]
+
+
 @pytest.mark.parametrize("args, match", [
     (["--threat", "linf:0.1"], "--model RUN_DIR is required"),
     (["--model", "RUN", "--threat", "linf:0.1", "--transform", "nope"], "nope"),

@@ -1166,6 +1166,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if out is None:
         out = Path("runs") / f"audit-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     dev = next(model.parameters()).device
+    _fit_transforms(transforms, args, data.name)  # quilting's patch database, from the training split
     detector = _audit_detector(args, model, data.name) if args.detector else None
     target = Defended([t.to(dev) for t in transforms], model, detector=detector)
     cli = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
