@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,30 @@ class TrainConfig:
             raise TypeError(f"`channels_last` must be a bool, got {self.channels_last!r}")
         if not isinstance(self.seed, int):
             raise TypeError(f"`seed` must be an integer, got {self.seed!r}")
+
+
+def _field_defaults(obj: Any) -> dict[str, Any]:
+    """JSON-ready default values of a dataclass instance's fields (those that have one)."""
+    if not is_dataclass(obj):
+        return {}
+    out = {}
+    for f in fields(obj):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out, default=str))
+
+
+def _fill_defaults(saved: Any, defaults: dict[str, Any]) -> Any:
+    """A saved config section with the options it predates set to their defaults.
+
+    A run folder written before an option existed (e.g. ``amp``, added later to `TrainConfig`)
+    trained as that option's default does; resuming it with the default must not be refused.
+    """
+    if not isinstance(saved, dict):
+        return saved
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -255,7 +279,9 @@ class Trainer:
                                      "resume it (--resume / resume=True) or choose another folder")
             saved = json.loads(cfg_path.read_text())
             mine = json.loads(json.dumps(self.full_config()))
-            diffs = [k for k in ("model", "objective", "train") if saved.get(k) != mine.get(k)]
+            defaults = {"train": _field_defaults(self.cfg), "objective": _field_defaults(self.objective)}
+            diffs = [k for k in ("model", "objective", "train")
+                     if _fill_defaults(saved.get(k), defaults.get(k, {})) != mine.get(k)]
             if diffs:
                 raise RunExistsError(f"cannot resume {self.run_dir}: its {', '.join(diffs)} configuration differs "
                                      f"from this one (saved {saved.get(diffs[0])!r}, now {mine.get(diffs[0])!r})")
