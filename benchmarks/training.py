@@ -178,6 +178,7 @@ class Setting:
     batch_size: int = 128
     lr: float = 0.05
     seed: int = 0
+    cost_n: int = 512
 
     def tag(self) -> str:
         extra = (f"-b{self.batch_size}" if self.batch_size != 128 else "") + (f"-lr{self.lr:g}" if self.lr != 0.05 else "")
@@ -302,7 +303,14 @@ def collect(s: Setting, methods: list[tuple[str, float | None]]) -> list[dict[st
     return rows
 
 
+def load_cost(s: Setting) -> dict[str, Any] | None:
+    """The `--cost` result for this setting's data, batch size and eps, if it was run."""
+    path = cost_path(s.root, s.data, s.cost_n, s.batch_size, s.eps)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def table(s: Setting, rows: list[dict[str, Any]]) -> str:
+    cost_res = load_cost(s)
     std_time = None
     std_rows = [r for r in rows if r["method"] == "standard" and r["train"]]
     std_dir = run_dir(s, "standard", s.eps) / "report.json"
@@ -311,8 +319,9 @@ def table(s: Setting, rows: list[dict[str, Any]]) -> str:
     elif std_dir.exists():
         std_time = json.loads(std_dir.read_text())["train_time_s"]
     suite = "standard suite" if s.suite == "standard" else f"{s.suite} (not the standard suite)"
-    lines = [f"| method | eps | clean % | FGSM % | PGD-20 % (naive) | {suite} % | train time s | × standard |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| method | eps | clean % | FGSM % | PGD-20 % (naive) | {suite} % | train time s (as run) | "
+             "× standard (as run) | × standard (interleaved cost run) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ev, tr, m = r["eval"] or {}, r["train"], METHODS[r["method"]]
         if m.base is not None:
@@ -326,12 +335,17 @@ def table(s: Setting, rows: list[dict[str, Any]]) -> str:
         if ev.get("eot"):
             std_col += f" (EOT-{ev['eot']})"
         clean = ev.get("standard_clean", ev.get("clean")) if ev.get("eot") else ev.get("clean")
+        cost_ratio = training_cost_ratio(cost_res, r["method"], s.epochs) if cost_res else None
+        if cost_res and r["eps"] != cost_res["eps"] and m.adversarial:
+            cost_ratio = None  # the cost run used another eps (the work per step is the same; say so instead)
         lines.append(f"| {r['method']} | {r['eps']:g} | {_pct(clean)} | {_pct(ev.get('fgsm'))} | "
-                     f"{_pct(ev.get('pgd20'))} | {std_col} | {t} | {ratio} |")
+                     f"{_pct(ev.get('pgd20'))} | {std_col} | {t} | {ratio} | "
+                     f"{'not measured' if cost_ratio is None else f'{cost_ratio:.1f}'} |")
     return "\n".join(lines)
 
 
-def findings(rows: list[dict[str, Any]], suite: str = "standard") -> list[str]:
+def findings(rows: list[dict[str, Any]], suite: str = "standard", cost_res: dict[str, Any] | None = None,
+             epochs: int = 1, train_n: int = 0) -> list[str]:
     """Plain sentences about catastrophic overfitting, Fast AT vs PGD-AT and naive-vs-suite gaps."""
     by = {(r["method"], r["eps"]): r for r in rows}
     suite = "standard suite" if suite == "standard" else suite
@@ -359,7 +373,24 @@ def findings(rows: list[dict[str, Any]], suite: str = "standard") -> list[str]:
         tim = fast["train"]["train_time_s"] / pgd["train"]["train_time_s"]
         ok = rob >= 0.9 and tim <= 1 / 3
         out.append(f"Fast AT vs PGD-AT: {100 * rob:.0f}% of PGD-AT's robust accuracy ({suite}) in "
-                   f"{100 * tim:.0f}% of its training time — target (≥ 90% in ≤ 1/3) {'met' if ok else 'not met'}")
+                   f"{100 * tim:.0f}% of its training time as run (each row at its own machine load) — "
+                   f"target (≥ 90% in ≤ 1/3) {'met' if ok else 'not met'}")
+        fc = training_cost_ratio(cost_res, "fast-at", epochs) if cost_res else None
+        pc = training_cost_ratio(cost_res, "pgd-at", epochs) if cost_res else None
+        if fc is not None and pc is not None:
+            by = {r["method"]: r for r in cost_res["rows"]}
+            probe = by.get(COST_PROBE, {}).get("median_s")
+            std_s = by["standard"]["median_s"]
+            extra = ""
+            if probe is not None and std_s and train_n:
+                # the probe runs once per epoch, outside the Trainer's clock: add it per epoch of this setting
+                fc_probe = fc + probe / (std_s * train_n / cost_res["n"])
+                extra = f" ({100 * fc_probe / pc:.0f}% with its once-per-epoch overfitting probe)"
+            tim2 = fc / pc
+            ok2 = rob >= 0.9 and tim2 <= 1 / 3
+            out.append(f"Fast AT vs PGD-AT, times from the interleaved cost run: {100 * rob:.0f}% of PGD-AT's robust "
+                       f"accuracy in {100 * tim2:.0f}% of its training time{extra} — target "
+                       f"{'met' if ok2 else 'not met'}")
     return out
 
 
@@ -513,6 +544,121 @@ def speed_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- cost: every method's step time, interleaved
+COST_PROBE = "fast-at probe (once per epoch)"
+
+
+def cost_path(root: Path, data: str, n: int, batch_size: int, eps: float) -> Path:
+    """Where `--cost` writes its result for this data set, image count, batch size and eps."""
+    return root / data / f"cost-n{n}-b{batch_size}-eps{eps:g}.json"
+
+
+def cost(args: argparse.Namespace) -> dict[str, Any]:
+    """One Trainer epoch of every method on the same `--cost-n` images, interleaved with ``standard``.
+
+    The training times of the table's rows were taken whenever each row ran, at whatever load the
+    shared machine had then; their ratios to the ``standard`` row mix methods with loads. Here every
+    method runs one epoch (Trainer clock: optimizer steps and the objective's own work; Free AT's
+    epoch is its m replays) from the same initial weights, alternated round by round
+    (`_common.interleaved`), and each ratio to ``standard`` is the median over rounds of the
+    per-round ratio — so all methods see the same load. Fast AT runs without its overfitting probe
+    (which the Trainer's clock excludes too); the probe (PGD-10 + FGSM on 256 examples, once per
+    epoch) is timed as its own entry. Distillation's teacher is an untrained copy of the initial
+    model (its cost does not depend on its weights); the teacher's own training is timed as
+    ``distillation-teacher``. SAP trains nothing.
+    """
+    warnings.filterwarnings("ignore")
+    train = load_dataset(args.data, "train").take(args.cost_n)
+    torch.manual_seed(0)
+    init = create_model(ARCH, train.num_classes, train.shape, train.mean, train.std)
+    names: list[str] = []
+    for method, _ in parse_methods(args.methods):
+        m = METHODS[method]
+        for n in ([m.teacher] if m.teacher else []) + [method]:
+            if METHODS[n].base is None and n not in names:
+                names.append(n)
+    if "standard" not in names:
+        names.insert(0, "standard")
+
+    def objective_of(method: str) -> Any:
+        m = METHODS[method]
+        options = dict(m.options)
+        if m.adversarial:
+            options["eps"] = args.eps
+        if m.objective == "fast-at":
+            options["overfit_check"] = False
+        if m.teacher is not None:
+            options["teacher"] = init
+        return create_objective(m.objective, **options)
+
+    def epoch(method: str) -> Callable[[], nn.Module]:
+        def run() -> nn.Module:
+            model = copy.deepcopy(init)
+            if METHODS[method].layer == "bounded-relu":
+                model = bound_relus(model, 1.0, copy=False)
+            cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, momentum=0.9, weight_decay=5e-4,
+                              schedule="constant", seed=0, device=args.device)
+            Trainer(model, train, None, cfg, objective_of(method), progress=False).fit()
+            return model
+        return run
+
+    fns: dict[str, Callable[[], Any]] = {n: epoch(n) for n in names}
+    if "fast-at" in names:
+        probe = create_objective("fast-at", eps=args.eps)
+        probe.set_probe(train.images[:probe.probe_size], train.labels[:probe.probe_size])
+        fns[COST_PROBE] = lambda: probe.probe_accuracies(copy.deepcopy(init).eval())
+    timings = interleaved(fns, repeats=args.repeats, on_sample=lambda n, dt: log.info("  %-32s %.2f s", n, dt))
+    std = timings["standard"]
+    rows = []
+    for name, t in timings.items():
+        replays = 1 if name == COST_PROBE else int(getattr(objective_of(name), "replays", 1))
+        rows.append({"method": name, "median_s": t.median, "samples_s": t.samples, "warmup_s": t.warmup_s,
+                     "ratio_to_standard": t.ratio_to(std), "replays": replays, "error": t.error})
+    return {"data": args.data, "n": len(train), "batch_size": args.batch_size, "eps": args.eps,
+            "repeats": args.repeats, "rows": rows, "machine": machine_info()}
+
+
+def training_cost_ratio(res: dict[str, Any], method: str, epochs: int) -> float | None:
+    """Predicted (training time of `method`) / (training time of ``standard``) for an `epochs` budget.
+
+    Each method trains for the epochs `paper_training_loop` gives it (Free AT: ceil(epochs/m) of its
+    m-replay epochs), distillation adds its teacher's training, SAP trains nothing; the per-epoch
+    ratios come from the interleaved `cost` run. None when the cost run has no row for it.
+    """
+    by = {r["method"]: r for r in res["rows"] if r.get("ratio_to_standard") is not None}
+    m = METHODS[method]
+    if m.base is not None:
+        return 0.0
+    parts = ([m.teacher] if m.teacher else []) + [method]
+    if any(p not in by for p in parts):
+        return None
+    total = 0.0
+    for p in parts:
+        replays = by[p]["replays"]
+        own_epochs = max(1, math.ceil(epochs / replays)) if replays > 1 else epochs
+        total += by[p]["ratio_to_standard"] * own_epochs / epochs
+    return total
+
+
+def cost_table(res: dict[str, Any], epochs: int) -> str:
+    lines = ["| method | median s per epoch | × standard per epoch | epochs trained for a budget of "
+             f"{epochs} | × standard training time | samples s |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        name = r["method"]
+        if r["error"]:
+            lines.append(f"| {name} | failed: {r['error']} | | | | |")
+            continue
+        samples = ", ".join(f"{v:.2f}" for v in r["samples_s"])
+        if name == COST_PROBE:
+            lines.append(f"| {name} | {r['median_s']:.2f} | {r['ratio_to_standard']:.2f} | — | — | {samples} |")
+            continue
+        own = max(1, math.ceil(epochs / r["replays"])) if r["replays"] > 1 else epochs
+        total = training_cost_ratio(res, name, epochs) if name in METHODS else None
+        lines.append(f"| {name} | {r['median_s']:.2f} | {r['ratio_to_standard']:.2f} | {own} | "
+                     f"{'—' if total is None else f'{total:.2f}'} | {samples} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -542,7 +688,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-n", type=int, default=1024, help="training images of the timed epoch")
     p.add_argument("--speed-methods", type=lambda v: [m for m in v.split(",") if m], default=list(SPEED_METHODS),
                    help=f"comma-separated methods of --speed ({', '.join(SPEED_METHODS)})")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds of --speed (after one warm-up each)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds of --speed/--cost (after one warm-up each)")
+    p.add_argument("--cost", action="store_true",
+                   help="only the interleaved cost run: one epoch of every method in --methods on --cost-n images, "
+                        "ratios to standard (written next to the run folders; the tables read it)")
+    p.add_argument("--cost-n", type=int, default=512, help="training images of the --cost epoch")
     p.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
     a = p.parse_args(argv)
@@ -564,9 +714,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"batch 128) on {res['n']} Fashion-MNIST training images, {args.repeats} interleaved rounds after a "
               f"warm-up, {torch.get_num_threads()} threads:\n")
         print(speed_table(res))
+    elif args.cost:
+        res = cost(args)
+        path = cost_path(args.root, args.data, args.cost_n, args.batch_size, args.eps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, res)
+        print(f"One Trainer epoch per method on {res['n']} {args.data} training images (batch {args.batch_size}, "
+              f"eps {args.eps:g}), {args.repeats} interleaved rounds after a warm-up, {torch.get_num_threads()} "
+              f"thread(s); ratios paired by round; training time for a budget of {args.epochs} epochs:\n")
+        print(cost_table(res, args.epochs))
     else:
         s = Setting(args.data, args.train_n, args.epochs, args.eval_n, args.eps, args.root, args.device, args.eot,
-                    args.suite, args.batch_size, args.lr)
+                    args.suite, args.batch_size, args.lr, cost_n=args.cost_n)
         methods = parse_methods(args.methods)
         train = load_dataset(args.data, "train").take(args.train_n)
         test = spread(load_dataset(args.data, "test"), args.eval_n)
@@ -581,7 +740,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = collect(s, methods)
         res = {"setting": {**vars(s), "root": str(s.root), "train_images": len(train), "eval_images": len(test),
                            "arch": ARCH, "params": sum(p.numel() for p in build_model(s, "standard", train).parameters())},
-               "rows": rows, "findings": findings(rows, s.suite)}
+               "rows": rows, "findings": findings(rows, s.suite, load_cost(s), s.epochs, len(train))}
         print(f"{args.data}, {ARCH} ({res['setting']['params']:,} parameters), {len(train)} training images, "
               f"{args.epochs} epochs, batch {args.batch_size}, peak lr {args.lr:g}, evaluation on {len(test)} test "
               f"images, L∞ eps {args.eps:g}:\n")

@@ -53,9 +53,55 @@ def test_table_and_findings(bench, tmp_path):
             _row("pgd-at", 0.1, 0.85, 0.7, 0.7, 0.6, 120.0), _row("fast-at", 0.1, 0.86, 0.7, 0.66, 0.57, 30.0),
             {"method": "trades", "eps": 0.1, "folder": "", "train": None, "eval": None}]
     text = bench.table(s, rows)
-    assert "| fgsm-at | 0.3 | 80.0 | 90.0 | 10.0 | 0.0 | 30 | 3.0 |" in text
+    assert "| fgsm-at | 0.3 | 80.0 | 90.0 | 10.0 | 0.0 | 30 | 3.0 | not measured |" in text
     assert "| trades | 0.1 | not measured |" in text
     found = "\n".join(bench.findings(rows))
     assert "fgsm-at at eps 0.3" in found and "catastrophic overfitting (robust" in found
     assert "fast-at at eps 0.1" in found and "no catastrophic overfitting" in found
     assert "95% of PGD-AT's robust accuracy" in found and "25% of its training time" in found and "met" in found
+
+
+def _cost(rows, n=512):
+    return {"n": n, "eps": 0.1, "rows": [{"method": m, "median_s": t, "ratio_to_standard": r, "replays": k,
+                                          "samples_s": [t], "error": None} for m, t, r, k in rows]}
+
+
+def test_cost_ratios_follow_the_epochs_each_method_trains(bench, tmp_path):
+    res = _cost([("standard", 1.0, 1.0, 1), ("pgd-at", 9.0, 9.0, 1), ("fast-at", 2.0, 2.0, 1),
+                 ("free-at", 8.0, 8.0, 8), ("distillation-teacher", 1.0, 1.0, 1), ("distillation", 1.5, 1.5, 1),
+                 (bench.COST_PROBE, 0.5, 0.5, 1)])
+    assert bench.training_cost_ratio(res, "pgd-at", 2) == 9.0
+    assert bench.training_cost_ratio(res, "free-at", 2) == pytest.approx(4.0)    # 1 epoch of 8 replays for 2
+    assert bench.training_cost_ratio(res, "free-at", 16) == pytest.approx(1.0)   # 2 such epochs for 16
+    assert bench.training_cost_ratio(res, "distillation", 2) == pytest.approx(2.5)  # teacher + student
+    assert bench.training_cost_ratio(res, "sap", 2) == 0.0
+    assert bench.training_cost_ratio(res, "trades", 2) is None
+    text = bench.cost_table(res, 2)
+    assert "| free-at | 8.00 | 8.00 | 1 | 4.00 |" in text and "| pgd-at | 9.00 | 9.00 | 2 | 9.00 |" in text
+
+    s = bench.Setting("fashion-mnist", 5000, 2, 100, 0.1, tmp_path, "cpu", 8, "apgd-ce", 64, cost_n=512)
+    path = bench.cost_path(tmp_path, "fashion-mnist", 512, 64, 0.1)
+    path.parent.mkdir(parents=True)
+    path.write_text(__import__("json").dumps(res))
+    rows = [_row("standard", 0.1, 0.9, 0.1, 0.0, 0.0, 10.0), _row("pgd-at", 0.1, 0.85, 0.7, 0.7, 0.6, 40.0),
+            _row("fast-at", 0.1, 0.86, 0.7, 0.66, 0.57, 30.0), _row("fgsm-at", 0.3, 0.8, 0.9, 0.1, 0.0, 30.0)]
+    text = bench.table(s, rows)
+    assert "| pgd-at | 0.1 | 85.0 | 70.0 | 70.0 | 60.0 | 40 | 4.0 | 9.0 |" in text
+    assert "| fgsm-at | 0.3 | 80.0 | 90.0 | 10.0 | 0.0 | 30 | 3.0 | not measured |" in text   # no cost row at 0.3
+    found = "\n".join(bench.findings(rows, "apgd-ce", bench.load_cost(s), 2, 5000))
+    assert "75% of its training time as run" in found and "target (≥ 90% in ≤ 1/3) not met" in found
+    # from the cost run: 2/9 = 22%; with the probe (0.5 s per epoch vs 1 s per 512 images) 2.0488/9 = 23%
+    assert "95% of PGD-AT's robust accuracy in 22% of its training time (23% with its" in found
+    assert found.rstrip().endswith("— target met")
+
+
+def test_cost_run_times_every_method_once_per_round(bench, tmp_path):
+    args = bench.parse_args(["--cost", "--data", "digits", "--methods", "free-at,distillation", "--cost-n", "64",
+                             "--batch-size", "32", "--repeats", "1", "--root", str(tmp_path)])
+    res = bench.cost(args)
+    by = {r["method"]: r for r in res["rows"]}
+    assert list(by) == ["standard", "free-at", "distillation-teacher", "distillation"]
+    assert by["free-at"]["replays"] == 8 and by["standard"]["ratio_to_standard"] == 1.0
+    assert all(r["error"] is None and len(r["samples_s"]) == 1 and r["median_s"] > 0 for r in res["rows"])
+    # Free AT's epoch replays each batch 8 times: it cannot cost less than 2 standard epochs
+    assert by["free-at"]["ratio_to_standard"] > 2
