@@ -105,3 +105,16 @@ def test_cost_run_times_every_method_once_per_round(bench, tmp_path):
     assert all(r["error"] is None and len(r["samples_s"]) == 1 and r["median_s"] > 0 for r in res["rows"])
     # Free AT's epoch replays each batch 8 times: it cannot cost less than 2 standard epochs
     assert by["free-at"]["ratio_to_standard"] > 2
+
+
+def test_a_naive_only_evaluation_shows_with_the_suite_not_measured(bench, tmp_path):
+    s = bench.Setting("fashion-mnist", 5000, 2, 100, 0.1, tmp_path, "cpu", 8, "apgd-ce", 64)
+    folder = bench.run_dir(s, "sap", 0.1)
+    folder.mkdir(parents=True)
+    cache = folder / "eval-linf0.1-n100-apgd-ce.json"
+    bench.naive_cache_path(cache).write_text('{"clean": 0.8, "fgsm": 0.51, "pgd20": 0.5}')
+    rows = bench.collect(s, [("sap", None)])
+    assert rows[0]["eval"] == {"clean": 0.8, "fgsm": 0.51, "pgd20": 0.5}
+    assert "| sap | 0.1 | 80.0 | 51.0 | 50.0 | not measured | 0 (reuses standard) | 0 | not measured |" \
+        in bench.table(s, rows)
+    assert bench.findings(rows, "apgd-ce") == []
