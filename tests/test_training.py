@@ -177,6 +177,22 @@ def test_resume_of_a_run_written_before_an_option_existed(digits_ds, tmp_path):
     assert report["epochs"] == 2 and report["steps"] == 2 * math.ceil(len(tr) / 64)
 
 
+def test_resume_tolerates_float_rounding_of_the_saved_config_only(digits_ds, tmp_path):
+    """A data set's std recomputed in another summation order (last digits differ) still resumes; 1e-6 does not."""
+    tr, te = digits_ds
+    run = tmp_path / "run"
+    Trainer(_model(tr), tr, te, _cfg(epochs=1), run_dir=run, progress=False).fit()
+    saved = json.loads((run / "config.json").read_text())
+    std = saved["model"]["std"][0]
+    saved["model"]["std"][0] = std * (1 + 2e-14)
+    (run / "config.json").write_text(json.dumps(saved))
+    assert Trainer(_model(tr), tr, te, _cfg(epochs=1), run_dir=run, resume=True, progress=False).fit()["epochs"] == 1
+    saved["model"]["std"][0] = std * (1 + 1e-6)
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(RunExistsError, match="model configuration differs"):
+        Trainer(_model(tr), tr, te, _cfg(epochs=1), run_dir=run, resume=True, progress=False).fit()
+
+
 def test_non_empty_folder_and_unwritable_folder(digits_ds, tmp_path):
     tr, te = digits_ds
     (tmp_path / "busy").mkdir()

@@ -137,6 +137,18 @@ def _fill_defaults(saved: Any, defaults: dict[str, Any]) -> Any:
     return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
 
 
+def _same_config(a: Any, b: Any, rel_tol: float = 1e-9) -> bool:
+    """Equal JSON values, floats up to `rel_tol` (a data set's mean/std recomputed in another order
+    of summation differs in its last digits; that must not block a resume)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_config(a[k], b[k], rel_tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_config(x, y, rel_tol) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=rel_tol, abs_tol=0.0)
+    return type(a) is type(b) and a == b
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -281,7 +293,7 @@ class Trainer:
             mine = json.loads(json.dumps(self.full_config()))
             defaults = {"train": _field_defaults(self.cfg), "objective": _field_defaults(self.objective)}
             diffs = [k for k in ("model", "objective", "train")
-                     if _fill_defaults(saved.get(k), defaults.get(k, {})) != mine.get(k)]
+                     if not _same_config(_fill_defaults(saved.get(k), defaults.get(k, {})), mine.get(k))]
             if diffs:
                 raise RunExistsError(f"cannot resume {self.run_dir}: its {', '.join(diffs)} configuration differs "
                                      f"from this one (saved {saved.get(diffs[0])!r}, now {mine.get(diffs[0])!r})")
