@@ -360,6 +360,30 @@ def table(s: Setting, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def suite_table(rows: list[dict[str, Any]]) -> str:
+    """Robust accuracy after each attack of the suite (worst case so far), for the evaluated rows.
+
+    Shows where a CE-only number would have stopped (the first column) and what the targeted DLR
+    attack and Square add: a large drop after APGD-CE is the mark of a loss surface that misleads
+    cross-entropy gradients (gradient masking), not of robustness.
+    """
+    done = [r for r in rows if r["eval"] and r["eval"].get("per_attack")]
+    if not done:
+        return ""
+    attacks = list(done[0]["eval"]["per_attack"])
+    if len(attacks) < 2:  # a one-attack suite: the main table already says it all
+        return ""
+    head = " | ".join(("" if i == 0 else "+ ") + a for i, a in enumerate(attacks))
+    lines = [f"| method | eps | clean % | PGD-20 % (naive) | {head} | suite s |",
+             "|" + "---|" * (5 + len(attacks))]
+    for r in done:
+        ev = r["eval"]
+        cells = " | ".join(_pct(ev["per_attack"].get(a)) for a in attacks)
+        lines.append(f"| {r['method']} | {r['eps']:g} | {_pct(ev['clean'])} | {_pct(ev['pgd20'])} | {cells} | "
+                     f"{ev.get('standard_s', 0):.0f} |")
+    return "\n".join(lines)
+
+
 def findings(rows: list[dict[str, Any]], suite: str = "standard", cost_res: dict[str, Any] | None = None,
              epochs: int = 1, train_n: int = 0) -> list[str]:
     """Plain sentences about catastrophic overfitting, Fast AT vs PGD-AT and naive-vs-suite gaps."""
@@ -763,6 +787,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{args.epochs} epochs, batch {args.batch_size}, peak lr {args.lr:g}, evaluation on {len(test)} test "
               f"images, L∞ eps {args.eps:g}:\n")
         print(table(s, rows))
+        per_attack = suite_table(rows)
+        if per_attack:
+            print(f"\nRobust accuracy after each attack of the {s.suite} suite (worst case so far):\n")
+            print(per_attack)
         for line in res["findings"]:
             print(f"\n* {line}")
     if args.json:

@@ -121,3 +121,16 @@ def test_a_naive_only_evaluation_shows_with_the_suite_not_measured(bench, tmp_pa
     assert rows[0]["eval"] == {"clean": 0.8, "fgsm": 0.51, "pgd20": 0.5}
     assert "| sap | 0.1 | 80.0 | 51.0 | 50.0 | not measured | 0 (reuses standard) | 0 |" in bench.table(s, rows)
     assert bench.findings(rows, "apgd-ce") == []
+
+
+def test_suite_table_shows_what_each_attack_adds(bench):
+    rows = [_row("label-smoothing", 0.1, 0.81, 0.5, 0.4, 0.28, 10.0), _row("trades", 0.1, 0.8, 0.6, 0.6, 0.55, 9.0),
+            {"method": "mart", "eps": 0.1, "folder": "", "train": None, "eval": None}]
+    rows[0]["eval"].update(per_attack={"apgd": 0.35, "apgd-t": 0.28, "square": 0.28}, standard_s=146.0)
+    rows[1]["eval"].update(per_attack={"apgd": 0.56, "apgd-t": 0.55, "square": 0.55}, standard_s=300.0)
+    text = bench.suite_table(rows)
+    assert "| method | eps | clean % | PGD-20 % (naive) | apgd | + apgd-t | + square | suite s |" in text
+    assert "| label-smoothing | 0.1 | 81.0 | 40.0 | 35.0 | 28.0 | 28.0 | 146 |" in text
+    assert "mart" not in text   # not evaluated: no row
+    rows[1]["eval"]["per_attack"] = {"apgd": 0.56}
+    assert bench.suite_table(rows[1:]) == ""   # one attack: nothing to add to the main table
