@@ -6,6 +6,7 @@
         --methods standard,fast-at,fgsm-at,fgsm-at@0.3,pgd-at              # a reduced setting
     python benchmarks/training.py --data mnist-5k --methods fast --epochs 3 --eval-n 200
     python benchmarks/training.py --speed --speed-n 1024                   # Trainer vs hand loop vs ART
+    python benchmarks/training.py --cost --methods all --epochs 2          # every method's epoch, side by side
     python benchmarks/training.py --data fashion-mnist --train-n 10000 --epochs 2 --eval-n 200 --table-only
 
 The setting (issue 4): `cnn-small` (430,890 parameters on 28×28 grey images), SGD with momentum
@@ -37,7 +38,12 @@ trained or evaluated shows "not measured".
 
 Training time is the `Trainer`'s own clock (report.json ``train_time_s``, summed over sessions);
 the ratio divides it by the ``standard`` run of the same setting. On a shared machine these
-seconds move with the load (each run's load average is saved in ``bench.json`` beside it).
+seconds move with the load (each run's load average is saved in ``bench.json`` beside it), so
+rows trained at different times cannot be divided by each other: ``--cost`` times one epoch of
+every method side by side (interleaved, same initial weights, ratios paired by round) and writes
+``<root>/<data>/cost-n<N>-b<batch>-eps<eps>.json``; when that file exists for the setting, the
+table's "× standard" column comes from it (scaled by the epochs each method trains, plus
+distillation's teacher).
 
 ``--speed``: one epoch of PGD-AT (7 steps of 2.5·eps/7 from a random start, batch 128) and of TRADES
 (10 KL steps of 2.5·eps/10, beta 6; ART: its TRADES trainer with its PGD) on the
