@@ -84,6 +84,7 @@ from bastion.cli import paper_training_loop  # noqa: E402
 from bastion.data import Dataset, load_dataset  # noqa: E402
 from bastion.defenses.layers import add_sap, bound_relus  # noqa: E402
 from bastion.defenses.training import TrainConfig, Trainer, create_objective  # noqa: E402
+from bastion.defenses.training.trainer import resolve_device  # noqa: E402
 from bastion.evaluation import evaluate  # noqa: E402
 from bastion.models import create_model  # noqa: E402
 
@@ -652,9 +653,10 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
 
     fns: dict[str, Callable[[], Any]] = {n: epoch(n) for n in names}
     if "fast-at" in names:
+        dev = resolve_device(args.device)
         probe = create_objective("fast-at", eps=args.eps)
-        probe.set_probe(train.images[:probe.probe_size], train.labels[:probe.probe_size])
-        fns[COST_PROBE] = lambda: probe.probe_accuracies(copy.deepcopy(init).eval())
+        probe.set_probe(train.images[:probe.probe_size].to(dev), train.labels[:probe.probe_size].to(dev))
+        fns[COST_PROBE] = lambda: probe.probe_accuracies(copy.deepcopy(init).to(dev).eval())
     timings = interleaved(fns, repeats=args.repeats, on_sample=lambda n, dt: log.info("  %-32s %.2f s", n, dt))
     std = timings["standard"]
     rows = []
