@@ -6,6 +6,7 @@
         --methods standard,fast-at,fgsm-at,fgsm-at@0.3,pgd-at              # a reduced setting
     python benchmarks/training.py --data mnist-5k --methods fast --epochs 3 --eval-n 200
     python benchmarks/training.py --speed --speed-n 1024                   # Trainer vs hand loop vs ART
+    python benchmarks/training.py --cost --methods all --epochs 2          # every method's epoch, side by side
     python benchmarks/training.py --data fashion-mnist --train-n 10000 --epochs 2 --eval-n 200 --table-only
 
 The setting (issue 4): `cnn-small` (430,890 parameters on 28×28 grey images), SGD with momentum
@@ -37,7 +38,12 @@ trained or evaluated shows "not measured".
 
 Training time is the `Trainer`'s own clock (report.json ``train_time_s``, summed over sessions);
 the ratio divides it by the ``standard`` run of the same setting. On a shared machine these
-seconds move with the load (each run's load average is saved in ``bench.json`` beside it).
+seconds move with the load (each run's load average is saved in ``bench.json`` beside it), so
+rows trained at different times cannot be divided by each other: ``--cost`` times one epoch of
+every method side by side (interleaved, same initial weights, ratios paired by round) and writes
+``<root>/<data>/cost-n<N>-b<batch>-eps<eps>.json``; when that file exists for the setting, the
+table's "× standard" column comes from it (scaled by the epochs each method trains, plus
+distillation's teacher).
 
 ``--speed``: one epoch of PGD-AT (7 steps of 2.5·eps/7 from a random start, batch 128) and of TRADES
 (10 KL steps of 2.5·eps/10, beta 6; ART: its TRADES trainer with its PGD) on the
@@ -78,6 +84,7 @@ from bastion.cli import paper_training_loop  # noqa: E402
 from bastion.data import Dataset, load_dataset  # noqa: E402
 from bastion.defenses.layers import add_sap, bound_relus  # noqa: E402
 from bastion.defenses.training import TrainConfig, Trainer, create_objective  # noqa: E402
+from bastion.defenses.training.trainer import resolve_device  # noqa: E402
 from bastion.evaluation import evaluate  # noqa: E402
 from bastion.models import create_model  # noqa: E402
 
@@ -178,6 +185,7 @@ class Setting:
     batch_size: int = 128
     lr: float = 0.05
     seed: int = 0
+    cost_n: int = 512
 
     def tag(self) -> str:
         extra = (f"-b{self.batch_size}" if self.batch_size != 128 else "") + (f"-lr{self.lr:g}" if self.lr != 0.05 else "")
@@ -251,6 +259,11 @@ def load_trained(s: Setting, method: str, eps: float, train: Dataset) -> nn.Modu
     return model.to(s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def naive_cache_path(cache: Path) -> Path:
+    """Where the naive half (clean, FGSM, PGD-20) of an evaluation cache is kept until the suite finishes."""
+    return cache.with_name(cache.stem + "-naive.json")
+
+
 def eval_method(s: Setting, method: str, eps: float, train: Dataset, test: Dataset, progress: bool) -> dict[str, Any]:
     """Clean, FGSM, PGD-20 and standard-suite accuracies of a trained method (cached in its folder)."""
     out = run_dir(s, method, eps)
@@ -261,13 +274,18 @@ def eval_method(s: Setting, method: str, eps: float, train: Dataset, test: Datas
     model = load_trained(s, method, eps, train)
     threat = f"linf:{eps:g}"
     randomized = METHODS[method].layer == "sap"
-    res: dict[str, Any] = {"method": method, "eps": eps, "n": len(test), "threat": threat}
-    torch.manual_seed(s.seed)
-    t0 = time.perf_counter()
-    fgsm = evaluate(model, test, threat, [("fgsm", {})], progress=False, seed=s.seed)
-    pgd = evaluate(model, test, threat, "quick", progress=False, seed=s.seed)
-    res.update(clean=pgd.clean_accuracy, fgsm=fgsm.robust_accuracy, pgd20=pgd.robust_accuracy,
-               naive_s=round(time.perf_counter() - t0, 1))
+    naive_cache = naive_cache_path(cache)
+    if naive_cache.exists():  # the naive part finished in an earlier session
+        res: dict[str, Any] = json.loads(naive_cache.read_text())
+    else:
+        res = {"method": method, "eps": eps, "n": len(test), "threat": threat}
+        torch.manual_seed(s.seed)
+        t0 = time.perf_counter()
+        fgsm = evaluate(model, test, threat, [("fgsm", {})], progress=False, seed=s.seed)
+        pgd = evaluate(model, test, threat, "quick", progress=False, seed=s.seed)
+        res.update(clean=pgd.clean_accuracy, fgsm=fgsm.robust_accuracy, pgd20=pgd.robust_accuracy,
+                   naive_s=round(time.perf_counter() - t0, 1))
+        atomic_write_json(naive_cache, res)
     target = EOT(model, n=s.eot) if randomized else model
     log.info("%s: clean %.3f, FGSM %.3f, PGD-20 %.3f; now the %s suite%s on %d images", method, res["clean"],
              res["fgsm"], res["pgd20"], s.suite, f" on EOT(n={s.eot})" if randomized else "", len(test))
@@ -297,12 +315,22 @@ def collect(s: Setting, methods: list[tuple[str, float | None]]) -> list[dict[st
         folder = run_dir(s, m.base or method, eps)
         rep = json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else None
         cache = run_dir(s, method, eps) / f"eval-linf{eps:g}-n{s.eval_n}-{s.suite}.json"
-        ev = json.loads(cache.read_text()) if cache.exists() else None
+        naive = naive_cache_path(cache)
+        # a finished evaluation, or its naive half alone (the suite column then says "not measured")
+        ev = json.loads(cache.read_text()) if cache.exists() else (json.loads(naive.read_text()) if naive.exists()
+                                                                   else None)
         rows.append({"method": method, "eps": eps, "train": rep, "eval": ev, "folder": str(run_dir(s, method, eps))})
     return rows
 
 
+def load_cost(s: Setting) -> dict[str, Any] | None:
+    """The `--cost` result for this setting's data, batch size and eps, if it was run."""
+    path = cost_path(s.root, s.data, s.cost_n, s.batch_size, s.eps)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def table(s: Setting, rows: list[dict[str, Any]]) -> str:
+    cost_res = load_cost(s)
     std_time = None
     std_rows = [r for r in rows if r["method"] == "standard" and r["train"]]
     std_dir = run_dir(s, "standard", s.eps) / "report.json"
@@ -311,8 +339,11 @@ def table(s: Setting, rows: list[dict[str, Any]]) -> str:
     elif std_dir.exists():
         std_time = json.loads(std_dir.read_text())["train_time_s"]
     suite = "standard suite" if s.suite == "standard" else f"{s.suite} (not the standard suite)"
-    lines = [f"| method | eps | clean % | FGSM % | PGD-20 % (naive) | {suite} % | train time s | × standard |",
-             "|---|---|---|---|---|---|---|---|"]
+    # The rows' own training times were taken whenever each row ran, at the machine's load of the
+    # moment: with a cost run, the ratio column comes from it (all methods timed side by side).
+    ratio_head = "× standard (interleaved cost run)" if cost_res else "× standard (as run)"
+    lines = [f"| method | eps | clean % | FGSM % | PGD-20 % (naive) | {suite} % | train time s (as run) | "
+             f"{ratio_head} |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ev, tr, m = r["eval"] or {}, r["train"], METHODS[r["method"]]
         if m.base is not None:
@@ -322,6 +353,11 @@ def table(s: Setting, rows: list[dict[str, Any]]) -> str:
         else:
             t = f"{tr['train_time_s']:.0f}"
             ratio = f"{tr['train_time_s'] / std_time:.1f}" if std_time else "—"
+        if cost_res and m.base is None:
+            cost_ratio = training_cost_ratio(cost_res, r["method"], s.epochs)
+            ratio = "not measured" if cost_ratio is None else f"{cost_ratio:.1f}"
+            if cost_ratio is not None and m.adversarial and r["eps"] != cost_res["eps"]:
+                ratio += f" (timed at eps {cost_res['eps']:g}: same work per step)"
         std_col = _pct(ev.get("standard"))
         if ev.get("eot"):
             std_col += f" (EOT-{ev['eot']})"
@@ -331,14 +367,39 @@ def table(s: Setting, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def findings(rows: list[dict[str, Any]], suite: str = "standard") -> list[str]:
+def suite_table(rows: list[dict[str, Any]]) -> str:
+    """Robust accuracy after each attack of the suite (worst case so far), for the evaluated rows.
+
+    Shows where a CE-only number would have stopped (the first column) and what the targeted DLR
+    attack and Square add: a large drop after APGD-CE is the mark of a loss surface that misleads
+    cross-entropy gradients (gradient masking), not of robustness.
+    """
+    done = [r for r in rows if r["eval"] and r["eval"].get("per_attack")]
+    if not done:
+        return ""
+    attacks = list(done[0]["eval"]["per_attack"])
+    if len(attacks) < 2:  # a one-attack suite: the main table already says it all
+        return ""
+    head = " | ".join(("" if i == 0 else "+ ") + a for i, a in enumerate(attacks))
+    lines = [f"| method | eps | clean % | PGD-20 % (naive) | {head} | suite s |",
+             "|" + "---|" * (5 + len(attacks))]
+    for r in done:
+        ev = r["eval"]
+        cells = " | ".join(_pct(ev["per_attack"].get(a)) for a in attacks)
+        lines.append(f"| {r['method']} | {r['eps']:g} | {_pct(ev['clean'])} | {_pct(ev['pgd20'])} | {cells} | "
+                     f"{ev.get('standard_s', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def findings(rows: list[dict[str, Any]], suite: str = "standard", cost_res: dict[str, Any] | None = None,
+             epochs: int = 1, train_n: int = 0) -> list[str]:
     """Plain sentences about catastrophic overfitting, Fast AT vs PGD-AT and naive-vs-suite gaps."""
     by = {(r["method"], r["eps"]): r for r in rows}
     suite = "standard suite" if suite == "standard" else suite
     out = []
     for (method, eps), r in by.items():
         ev = r["eval"]
-        if ev is None:
+        if ev is None or "standard" not in ev:  # not evaluated, or its suite has not finished
             continue
         if method in ("fgsm-at", "fast-at"):
             gap = ev["fgsm"] - ev["standard"]
@@ -354,12 +415,31 @@ def findings(rows: list[dict[str, Any]], suite: str = "standard") -> list[str]:
                        f"{100 * ev['standard']:.1f}%: the naive number overstates its robustness")
     fast = next((r for r in rows if r["method"] == "fast-at"), None)
     pgd = next((r for r in rows if r["method"] == "pgd-at" and fast and r["eps"] == fast["eps"]), None)
-    if fast and pgd and fast["eval"] and pgd["eval"] and fast["train"] and pgd["train"]:
+    if (fast and pgd and fast["eval"] and pgd["eval"] and "standard" in fast["eval"] and "standard" in pgd["eval"]
+            and fast["train"] and pgd["train"]):
         rob = fast["eval"]["standard"] / max(pgd["eval"]["standard"], 1e-9)
         tim = fast["train"]["train_time_s"] / pgd["train"]["train_time_s"]
         ok = rob >= 0.9 and tim <= 1 / 3
-        out.append(f"Fast AT vs PGD-AT: {100 * rob:.0f}% of PGD-AT's robust accuracy ({suite}) in "
-                   f"{100 * tim:.0f}% of its training time — target (≥ 90% in ≤ 1/3) {'met' if ok else 'not met'}")
+        fc = training_cost_ratio(cost_res, "fast-at", epochs) if cost_res else None
+        pc = training_cost_ratio(cost_res, "pgd-at", epochs) if cost_res else None
+        if fc is None or pc is None:
+            out.append(f"Fast AT vs PGD-AT: {100 * rob:.0f}% of PGD-AT's robust accuracy ({suite}) in "
+                       f"{100 * tim:.0f}% of its training time as run (each row at its own machine load) — "
+                       f"target (≥ 90% in ≤ 1/3) {'met' if ok else 'not met'}")
+        else:
+            by = {r["method"]: r for r in cost_res["rows"]}
+            probe = by.get(COST_PROBE, {}).get("median_s")
+            std_s = by["standard"]["median_s"]
+            extra = ""
+            if probe is not None and std_s and train_n:
+                # the probe runs once per epoch, outside the Trainer's clock: add it per epoch of this setting
+                fc_probe = fc + probe / (std_s * train_n / cost_res["n"])
+                extra = f" ({100 * fc_probe / pc:.0f}% with its once-per-epoch overfitting probe)"
+            tim2 = fc / pc
+            ok2 = rob >= 0.9 and tim2 <= 1 / 3
+            out.append(f"Fast AT vs PGD-AT, times from the interleaved cost run: {100 * rob:.0f}% of PGD-AT's robust "
+                       f"accuracy in {100 * tim2:.0f}% of its training time{extra} — target "
+                       f"{'met' if ok2 else 'not met'}")
     return out
 
 
@@ -513,6 +593,122 @@ def speed_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- cost: every method's step time, interleaved
+COST_PROBE = "fast-at probe (once per epoch)"
+
+
+def cost_path(root: Path, data: str, n: int, batch_size: int, eps: float) -> Path:
+    """Where `--cost` writes its result for this data set, image count, batch size and eps."""
+    return root / data / f"cost-n{n}-b{batch_size}-eps{eps:g}.json"
+
+
+def cost(args: argparse.Namespace) -> dict[str, Any]:
+    """One Trainer epoch of every method on the same `--cost-n` images, interleaved with ``standard``.
+
+    The training times of the table's rows were taken whenever each row ran, at whatever load the
+    shared machine had then; their ratios to the ``standard`` row mix methods with loads. Here every
+    method runs one epoch (Trainer clock: optimizer steps and the objective's own work; Free AT's
+    epoch is its m replays) from the same initial weights, alternated round by round
+    (`_common.interleaved`), and each ratio to ``standard`` is the median over rounds of the
+    per-round ratio — so all methods see the same load. Fast AT runs without its overfitting probe
+    (which the Trainer's clock excludes too); the probe (PGD-10 + FGSM on 256 examples, once per
+    epoch) is timed as its own entry. Distillation's teacher is an untrained copy of the initial
+    model (its cost does not depend on its weights); the teacher's own training is timed as
+    ``distillation-teacher``. SAP trains nothing.
+    """
+    warnings.filterwarnings("ignore")
+    train = load_dataset(args.data, "train").take(args.cost_n)
+    torch.manual_seed(0)
+    init = create_model(ARCH, train.num_classes, train.shape, train.mean, train.std)
+    names: list[str] = []
+    for method, _ in parse_methods(args.methods):
+        m = METHODS[method]
+        for n in ([m.teacher] if m.teacher else []) + [method]:
+            if METHODS[n].base is None and n not in names:
+                names.append(n)
+    if "standard" not in names:
+        names.insert(0, "standard")
+
+    def objective_of(method: str) -> Any:
+        m = METHODS[method]
+        options = dict(m.options)
+        if m.adversarial:
+            options["eps"] = args.eps
+        if m.objective == "fast-at":
+            options["overfit_check"] = False
+        if m.teacher is not None:
+            options["teacher"] = init
+        return create_objective(m.objective, **options)
+
+    def epoch(method: str) -> Callable[[], nn.Module]:
+        def run() -> nn.Module:
+            model = copy.deepcopy(init)
+            if METHODS[method].layer == "bounded-relu":
+                model = bound_relus(model, 1.0, copy=False)
+            cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, momentum=0.9, weight_decay=5e-4,
+                              schedule="constant", seed=0, device=args.device)
+            Trainer(model, train, None, cfg, objective_of(method), progress=False).fit()
+            return model
+        return run
+
+    fns: dict[str, Callable[[], Any]] = {n: epoch(n) for n in names}
+    if "fast-at" in names:
+        dev = resolve_device(args.device)
+        probe = create_objective("fast-at", eps=args.eps)
+        probe.set_probe(train.images[:probe.probe_size].to(dev), train.labels[:probe.probe_size].to(dev))
+        fns[COST_PROBE] = lambda: probe.probe_accuracies(copy.deepcopy(init).to(dev).eval())
+    timings = interleaved(fns, repeats=args.repeats, on_sample=lambda n, dt: log.info("  %-32s %.2f s", n, dt))
+    std = timings["standard"]
+    rows = []
+    for name, t in timings.items():
+        replays = 1 if name == COST_PROBE else int(getattr(objective_of(name), "replays", 1))
+        rows.append({"method": name, "median_s": t.median, "samples_s": t.samples, "warmup_s": t.warmup_s,
+                     "ratio_to_standard": t.ratio_to(std), "replays": replays, "error": t.error})
+    return {"data": args.data, "n": len(train), "batch_size": args.batch_size, "eps": args.eps,
+            "repeats": args.repeats, "rows": rows, "machine": machine_info()}
+
+
+def training_cost_ratio(res: dict[str, Any], method: str, epochs: int) -> float | None:
+    """Predicted (training time of `method`) / (training time of ``standard``) for an `epochs` budget.
+
+    Each method trains for the epochs `paper_training_loop` gives it (Free AT: ceil(epochs/m) of its
+    m-replay epochs), distillation adds its teacher's training, SAP trains nothing; the per-epoch
+    ratios come from the interleaved `cost` run. None when the cost run has no row for it.
+    """
+    by = {r["method"]: r for r in res["rows"] if r.get("ratio_to_standard") is not None}
+    m = METHODS[method]
+    if m.base is not None:
+        return 0.0
+    parts = ([m.teacher] if m.teacher else []) + [method]
+    if any(p not in by for p in parts):
+        return None
+    total = 0.0
+    for p in parts:
+        replays = by[p]["replays"]
+        own_epochs = max(1, math.ceil(epochs / replays)) if replays > 1 else epochs
+        total += by[p]["ratio_to_standard"] * own_epochs / epochs
+    return total
+
+
+def cost_table(res: dict[str, Any], epochs: int) -> str:
+    lines = ["| method | median s per epoch | × standard per epoch | epochs trained for a budget of "
+             f"{epochs} | × standard training time | samples s |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        name = r["method"]
+        if r["error"]:
+            lines.append(f"| {name} | failed: {r['error']} | | | | |")
+            continue
+        samples = ", ".join(f"{v:.2f}" for v in r["samples_s"])
+        if name == COST_PROBE:
+            lines.append(f"| {name} | {r['median_s']:.2f} | {r['ratio_to_standard']:.2f} | — | — | {samples} |")
+            continue
+        own = max(1, math.ceil(epochs / r["replays"])) if r["replays"] > 1 else epochs
+        total = training_cost_ratio(res, name, epochs) if name in METHODS else None
+        lines.append(f"| {name} | {r['median_s']:.2f} | {r['ratio_to_standard']:.2f} | {own} | "
+                     f"{'—' if total is None else f'{total:.2f}'} | {samples} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -542,7 +738,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-n", type=int, default=1024, help="training images of the timed epoch")
     p.add_argument("--speed-methods", type=lambda v: [m for m in v.split(",") if m], default=list(SPEED_METHODS),
                    help=f"comma-separated methods of --speed ({', '.join(SPEED_METHODS)})")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds of --speed (after one warm-up each)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds of --speed/--cost (after one warm-up each)")
+    p.add_argument("--cost", action="store_true",
+                   help="only the interleaved cost run: one epoch of every method in --methods on --cost-n images, "
+                        "ratios to standard (written next to the run folders; the tables read it)")
+    p.add_argument("--cost-n", type=int, default=512, help="training images of the --cost epoch")
     p.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
     a = p.parse_args(argv)
@@ -564,9 +764,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"batch 128) on {res['n']} Fashion-MNIST training images, {args.repeats} interleaved rounds after a "
               f"warm-up, {torch.get_num_threads()} threads:\n")
         print(speed_table(res))
+    elif args.cost:
+        res = cost(args)
+        path = cost_path(args.root, args.data, args.cost_n, args.batch_size, args.eps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, res)
+        print(f"One Trainer epoch per method on {res['n']} {args.data} training images (batch {args.batch_size}, "
+              f"eps {args.eps:g}), {args.repeats} interleaved rounds after a warm-up, {torch.get_num_threads()} "
+              f"thread(s); ratios paired by round; training time for a budget of {args.epochs} epochs:\n")
+        print(cost_table(res, args.epochs))
     else:
         s = Setting(args.data, args.train_n, args.epochs, args.eval_n, args.eps, args.root, args.device, args.eot,
-                    args.suite, args.batch_size, args.lr)
+                    args.suite, args.batch_size, args.lr, cost_n=args.cost_n)
         methods = parse_methods(args.methods)
         train = load_dataset(args.data, "train").take(args.train_n)
         test = spread(load_dataset(args.data, "test"), args.eval_n)
@@ -581,11 +790,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = collect(s, methods)
         res = {"setting": {**vars(s), "root": str(s.root), "train_images": len(train), "eval_images": len(test),
                            "arch": ARCH, "params": sum(p.numel() for p in build_model(s, "standard", train).parameters())},
-               "rows": rows, "findings": findings(rows, s.suite)}
+               "rows": rows, "findings": findings(rows, s.suite, load_cost(s), s.epochs, len(train))}
         print(f"{args.data}, {ARCH} ({res['setting']['params']:,} parameters), {len(train)} training images, "
               f"{args.epochs} epochs, batch {args.batch_size}, peak lr {args.lr:g}, evaluation on {len(test)} test "
               f"images, L∞ eps {args.eps:g}:\n")
         print(table(s, rows))
+        per_attack = suite_table(rows)
+        if per_attack:
+            print(f"\nRobust accuracy after each attack of the {s.suite} suite (worst case so far):\n")
+            print(per_attack)
         for line in res["findings"]:
             print(f"\n* {line}")
     if args.json:

@@ -59,3 +59,78 @@ def test_table_and_findings(bench, tmp_path):
     assert "fgsm-at at eps 0.3" in found and "catastrophic overfitting (robust" in found
     assert "fast-at at eps 0.1" in found and "no catastrophic overfitting" in found
     assert "95% of PGD-AT's robust accuracy" in found and "25% of its training time" in found and "met" in found
+
+
+def _cost(rows, n=512):
+    return {"n": n, "eps": 0.1, "rows": [{"method": m, "median_s": t, "ratio_to_standard": r, "replays": k,
+                                          "samples_s": [t], "error": None} for m, t, r, k in rows]}
+
+
+def test_cost_ratios_follow_the_epochs_each_method_trains(bench, tmp_path):
+    res = _cost([("standard", 1.0, 1.0, 1), ("pgd-at", 9.0, 9.0, 1), ("fast-at", 2.0, 2.0, 1),
+                 ("free-at", 8.0, 8.0, 8), ("distillation-teacher", 1.0, 1.0, 1), ("distillation", 1.5, 1.5, 1),
+                 (bench.COST_PROBE, 0.5, 0.5, 1)])
+    assert bench.training_cost_ratio(res, "pgd-at", 2) == 9.0
+    assert bench.training_cost_ratio(res, "free-at", 2) == pytest.approx(4.0)    # 1 epoch of 8 replays for 2
+    assert bench.training_cost_ratio(res, "free-at", 16) == pytest.approx(1.0)   # 2 such epochs for 16
+    assert bench.training_cost_ratio(res, "distillation", 2) == pytest.approx(2.5)  # teacher + student
+    assert bench.training_cost_ratio(res, "sap", 2) == 0.0
+    assert bench.training_cost_ratio(res, "trades", 2) is None
+    text = bench.cost_table(res, 2)
+    assert "| free-at | 8.00 | 8.00 | 1 | 4.00 |" in text and "| pgd-at | 9.00 | 9.00 | 2 | 9.00 |" in text
+
+    s = bench.Setting("fashion-mnist", 5000, 2, 100, 0.1, tmp_path, "cpu", 8, "apgd-ce", 64, cost_n=512)
+    path = bench.cost_path(tmp_path, "fashion-mnist", 512, 64, 0.1)
+    path.parent.mkdir(parents=True)
+    path.write_text(__import__("json").dumps(res))
+    rows = [_row("standard", 0.1, 0.9, 0.1, 0.0, 0.0, 10.0), _row("pgd-at", 0.1, 0.85, 0.7, 0.7, 0.6, 40.0),
+            _row("fast-at", 0.1, 0.86, 0.7, 0.66, 0.57, 30.0), _row("fgsm-at", 0.3, 0.8, 0.9, 0.1, 0.0, 30.0)]
+    text = bench.table(s, rows)
+    assert "× standard (interleaved cost run) |" in text and "(as run) |\n" not in text
+    assert "| pgd-at | 0.1 | 85.0 | 70.0 | 70.0 | 60.0 | 40 | 9.0 |" in text
+    assert "| fgsm-at | 0.3 | 80.0 | 90.0 | 10.0 | 0.0 | 30 | not measured |" in text   # no fgsm-at in the cost run
+    assert "| fast-at | 0.1 | 86.0 | 70.0 | 66.0 | 57.0 | 30 | 2.0 |" in text
+    other_eps = bench.table(s, [_row("pgd-at", 0.3, 0.5, 0.4, 0.3, 0.2, 50.0)])
+    assert "| pgd-at | 0.3 | 50.0 | 40.0 | 30.0 | 20.0 | 50 | 9.0 (timed at eps 0.1: same work per step) |" in other_eps
+    found = "\n".join(bench.findings(rows, "apgd-ce", bench.load_cost(s), 2, 5000))
+    assert "as run" not in found   # the cost run replaces the times taken at different loads
+    # from the cost run: 2/9 = 22%; with the probe (0.5 s per epoch vs 1 s per 512 images) 2.0488/9 = 23%
+    assert "95% of PGD-AT's robust accuracy in 22% of its training time (23% with its" in found
+    assert found.rstrip().endswith("— target met")
+
+
+def test_cost_run_times_every_method_once_per_round(bench, tmp_path):
+    args = bench.parse_args(["--cost", "--data", "digits", "--methods", "free-at,distillation", "--cost-n", "64",
+                             "--batch-size", "32", "--repeats", "1", "--root", str(tmp_path)])
+    res = bench.cost(args)
+    by = {r["method"]: r for r in res["rows"]}
+    assert list(by) == ["standard", "free-at", "distillation-teacher", "distillation"]
+    assert by["free-at"]["replays"] == 8 and by["standard"]["ratio_to_standard"] == 1.0
+    assert all(r["error"] is None and len(r["samples_s"]) == 1 and r["median_s"] > 0 for r in res["rows"])
+    # Free AT's epoch replays each batch 8 times: it cannot cost less than 2 standard epochs
+    assert by["free-at"]["ratio_to_standard"] > 2
+
+
+def test_a_naive_only_evaluation_shows_with_the_suite_not_measured(bench, tmp_path):
+    s = bench.Setting("fashion-mnist", 5000, 2, 100, 0.1, tmp_path, "cpu", 8, "apgd-ce", 64)
+    folder = bench.run_dir(s, "sap", 0.1)
+    folder.mkdir(parents=True)
+    cache = folder / "eval-linf0.1-n100-apgd-ce.json"
+    bench.naive_cache_path(cache).write_text('{"clean": 0.8, "fgsm": 0.51, "pgd20": 0.5}')
+    rows = bench.collect(s, [("sap", None)])
+    assert rows[0]["eval"] == {"clean": 0.8, "fgsm": 0.51, "pgd20": 0.5}
+    assert "| sap | 0.1 | 80.0 | 51.0 | 50.0 | not measured | 0 (reuses standard) | 0 |" in bench.table(s, rows)
+    assert bench.findings(rows, "apgd-ce") == []
+
+
+def test_suite_table_shows_what_each_attack_adds(bench):
+    rows = [_row("label-smoothing", 0.1, 0.81, 0.5, 0.4, 0.28, 10.0), _row("trades", 0.1, 0.8, 0.6, 0.6, 0.55, 9.0),
+            {"method": "mart", "eps": 0.1, "folder": "", "train": None, "eval": None}]
+    rows[0]["eval"].update(per_attack={"apgd": 0.35, "apgd-t": 0.28, "square": 0.28}, standard_s=146.0)
+    rows[1]["eval"].update(per_attack={"apgd": 0.56, "apgd-t": 0.55, "square": 0.55}, standard_s=300.0)
+    text = bench.suite_table(rows)
+    assert "| method | eps | clean % | PGD-20 % (naive) | apgd | + apgd-t | + square | suite s |" in text
+    assert "| label-smoothing | 0.1 | 81.0 | 40.0 | 35.0 | 28.0 | 28.0 | 146 |" in text
+    assert "mart" not in text   # not evaluated: no row
+    rows[1]["eval"]["per_attack"] = {"apgd": 0.56}
+    assert bench.suite_table(rows[1:]) == ""   # one attack: nothing to add to the main table

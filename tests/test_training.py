@@ -157,6 +157,42 @@ def test_second_run_into_same_folder_is_refused(digits_ds, tmp_path):
     assert (run / "model.safetensors").read_bytes() == before
 
 
+def test_resume_of_a_run_written_before_an_option_existed(digits_ds, tmp_path):
+    """A config.json that lacks an option added later (amp, channels_last) resumes at its default only."""
+    tr, te = digits_ds
+    run = tmp_path / "run"
+    cfg = _cfg(epochs=2)
+    Trainer(_model(tr), tr, te, cfg, run_dir=run, progress=False).fit()
+    saved = json.loads((run / "config.json").read_text())
+    for key in ("amp", "channels_last"):
+        del saved["train"][key]
+    del saved["objective"]["label_smoothing"]
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(RunExistsError, match="train configuration differs"):
+        Trainer(_model(tr), tr, te, _cfg(epochs=2, amp="bf16"), run_dir=run, resume=True, progress=False).fit()
+    with pytest.raises(RunExistsError, match="objective configuration differs"):
+        Trainer(_model(tr), tr, te, cfg, create_objective("standard", label_smoothing=0.1), run_dir=run, resume=True,
+                progress=False).fit()
+    report = Trainer(_model(tr), tr, te, cfg, run_dir=run, resume=True, progress=False).fit()
+    assert report["epochs"] == 2 and report["steps"] == 2 * math.ceil(len(tr) / 64)
+
+
+def test_resume_tolerates_float_rounding_of_the_saved_config_only(digits_ds, tmp_path):
+    """A data set's std recomputed in another summation order (last digits differ) still resumes; 1e-6 does not."""
+    tr, te = digits_ds
+    run = tmp_path / "run"
+    Trainer(_model(tr), tr, te, _cfg(epochs=1), run_dir=run, progress=False).fit()
+    saved = json.loads((run / "config.json").read_text())
+    std = saved["model"]["std"][0]
+    saved["model"]["std"][0] = std * (1 + 2e-14)
+    (run / "config.json").write_text(json.dumps(saved))
+    assert Trainer(_model(tr), tr, te, _cfg(epochs=1), run_dir=run, resume=True, progress=False).fit()["epochs"] == 1
+    saved["model"]["std"][0] = std * (1 + 1e-6)
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(RunExistsError, match="model configuration differs"):
+        Trainer(_model(tr), tr, te, _cfg(epochs=1), run_dir=run, resume=True, progress=False).fit()
+
+
 def test_non_empty_folder_and_unwritable_folder(digits_ds, tmp_path):
     tr, te = digits_ds
     (tmp_path / "busy").mkdir()

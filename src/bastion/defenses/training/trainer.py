@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,42 @@ def paper_training_loop(objective: Any, epochs: int, schedule: str | None) -> tu
                      f"replayed {m} times, so ceil({budget}/{m}) epochs cost what {budget} epochs of natural training "
                      f"do (Shafahi et al. 2019); for {budget} full epochs pass --epochs {budget * m}")
     return epochs, schedule, notes
+
+
+def _field_defaults(obj: Any) -> dict[str, Any]:
+    """JSON-ready default values of a dataclass instance's fields (those that have one)."""
+    if not is_dataclass(obj):
+        return {}
+    out = {}
+    for f in fields(obj):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out, default=str))
+
+
+def _fill_defaults(saved: Any, defaults: dict[str, Any]) -> Any:
+    """A saved config section with the options it predates set to their defaults.
+
+    A run folder written before an option existed (e.g. ``amp``, added later to `TrainConfig`)
+    trained as that option's default does; resuming it with the default must not be refused.
+    """
+    if not isinstance(saved, dict):
+        return saved
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+
+
+def _same_config(a: Any, b: Any, rel_tol: float = 1e-9) -> bool:
+    """Equal JSON values, floats up to `rel_tol` (a data set's mean/std recomputed in another order
+    of summation differs in its last digits; that must not block a resume)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_config(a[k], b[k], rel_tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_config(x, y, rel_tol) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=rel_tol, abs_tol=0.0)
+    return type(a) is type(b) and a == b
 
 
 def resolve_device(name: str) -> torch.device:
@@ -300,7 +336,9 @@ class Trainer:
                                      "resume it (--resume / resume=True) or choose another folder")
             saved = json.loads(cfg_path.read_text())
             mine = json.loads(json.dumps(self.full_config()))
-            diffs = [k for k in ("model", "objective", "train") if saved.get(k) != mine.get(k)]
+            defaults = {"train": _field_defaults(self.cfg), "objective": _field_defaults(self.objective)}
+            diffs = [k for k in ("model", "objective", "train")
+                     if not _same_config(_fill_defaults(saved.get(k), defaults.get(k, {})), mine.get(k))]
             if diffs:
                 raise RunExistsError(f"cannot resume {self.run_dir}: its {', '.join(diffs)} configuration differs "
                                      f"from this one (saved {saved.get(diffs[0])!r}, now {mine.get(diffs[0])!r})")
