@@ -16,6 +16,7 @@ Nothing here is a test: a timing is never a pass/fail unit (DESIGN.md, "Honest n
 from __future__ import annotations
 
 import logging
+import sys
 import os
 import platform
 import statistics
@@ -44,6 +45,18 @@ DEFAULT_AT_DIR = Path("runs/bench-fmnist-cnn-pgdat")
 
 
 # --------------------------------------------------------------------------- threads
+def quiet_setup(threads: int) -> list[float]:
+    """A benchmark's start: progress logged to stderr, the peers' warning chatter off, `threads`
+    intra-op threads; returns the load average at the start."""
+    import warnings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    set_threads(threads)
+    return machine_info()["loadavg"]
+
+
 def set_threads(n: int | None) -> int:
     """Use `n` intra-op threads (None: leave torch's choice); returns the number in use.
 

@@ -45,7 +45,6 @@ import logging
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +58,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_common`, when run as a script
 
 from _common import DEFAULT_AT_DIR, DEFAULT_MODEL_DIR, Timing, count_forwards, fmnist_at_model, fmnist_model, \
-    fmnist_test, interleaved, machine_info, set_threads  # noqa: E402
+    fmnist_test, interleaved, machine_info, quiet_setup  # noqa: E402
 
 from bastion.attacks import create_attack  # noqa: E402
 from bastion.checkpoint import load_model  # noqa: E402
@@ -702,13 +701,7 @@ def _ok(v: bool | None) -> str:
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    # the peers' deprecation chatter is not part of the benchmark's output
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    set_threads(args.threads)
-    load_start = machine_info()["loadavg"]
+    load_start = quiet_setup(args.threads)  # the peers' deprecation chatter is not part of the output
 
     model = load_model(args.model_path) if args.model_path is not None else fmnist_model()
     model.eval().requires_grad_(False)  # every competitor gets a frozen model: nobody computes parameter grads

@@ -60,7 +60,6 @@ import logging
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +71,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_common`, when run as a script
 
-from _common import DEFAULT_MODEL_DIR, fmnist_model, fmnist_test, interleaved, machine_info, set_threads  # noqa: E402
+from _common import DEFAULT_MODEL_DIR, fmnist_model, fmnist_test, interleaved, machine_info, quiet_setup  # noqa: E402
 
 from bastion.attacks import create_attack  # noqa: E402
 from bastion.data import load_dataset  # noqa: E402
@@ -662,12 +661,7 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    set_threads(args.threads)
-    load_start = machine_info()["loadavg"]
+    load_start = quiet_setup(args.threads)  # the peers' deprecation chatter is not part of the output
     model = fmnist_model().eval().requires_grad_(False)
     ctx = Ctx(model, args)
     res: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
