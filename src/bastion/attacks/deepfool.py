@@ -97,9 +97,11 @@ class DeepFool(Attack):
     (the authors' code). An example leaves the batch as soon as it is misclassified.
 
     Cost per step: one forward pass and ``num_classes − 1`` backward passes (batched into one on
-    an accelerator, see `logit_gradients`) over the examples still correctly classified only —
-    foolbox runs a forward and a backward pass per candidate class over the whole batch until
-    every example is adversarial.
+    an accelerator, see `logit_gradients`) over the examples still correctly classified only:
+    an example found adversarial by a step's forward pass leaves before its backward passes
+    (when many leave at once, the forward pass is re-run on the survivors, which costs less than
+    their backward rows). foolbox runs a forward and a backward pass per candidate class over the
+    whole batch until every example is adversarial.
 
     Arguments:
         steps (int): maximum number of linearization steps. (Default: 50)
