@@ -153,8 +153,9 @@ def paper_training_loop(objective: Any, epochs: int, schedule: str | None) -> tu
         budget = epochs
         epochs = max(1, math.ceil(budget / m))
         notes.append(f"{name}: {epochs} epoch{'s' if epochs != 1 else ''} instead of {budget}: every minibatch is "
-                     f"replayed {m} times, so ceil({budget}/{m}) epochs cost what {budget} epochs of natural training "
-                     f"do (Shafahi et al. 2019); for {budget} full epochs pass --epochs {budget * m}")
+                     f"replayed {m} times, so ceil({budget}/{m}) = {epochs} epoch{'s' if epochs != 1 else ''} cost "
+                     f"what {epochs * m} epochs of natural training do (Shafahi et al. 2019: N/m epochs for a budget "
+                     f"of N; rounded up, so at least {budget}); for {budget} full epochs pass --epochs {budget * m}")
     return epochs, schedule, notes
 
 
