@@ -64,7 +64,7 @@ ROWS = (
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+    return "-".join(w for w in "".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
 def command(row: Row, args: argparse.Namespace, out: Path) -> list[str]:

@@ -56,3 +56,5 @@ def test_demo_audit_shows_the_transform_is_broken(tmp_path, capsys):
     assert det["n"] == 20 and len(det["reports"]) >= 2
     names = " ".join(json.dumps(r) for r in det["reports"])
     assert "fgsm" in names and "pgd" in names and "adaptive" in names
+    # one attack unaware of the detector and one aware of it (the key is in every attack's config)
+    assert {r["attack"]["adaptive"] for r in det["reports"]} == {False, True}
