@@ -82,7 +82,7 @@ from bastion.attacks.adaptive import EOT  # noqa: E402
 from bastion.checkpoint import atomic_write_json, load_checkpoint  # noqa: E402
 from bastion.cli import paper_training_loop  # noqa: E402
 from bastion.data import Dataset, load_dataset  # noqa: E402
-from bastion.defenses.layers import add_sap, bound_relus  # noqa: E402
+from bastion.defenses.layers import add_sap, apply_layers, bound_relus  # noqa: E402
 from bastion.defenses.training import TrainConfig, Trainer, create_objective  # noqa: E402
 from bastion.defenses.training.trainer import resolve_device  # noqa: E402
 from bastion.evaluation import evaluate  # noqa: E402
@@ -210,7 +210,7 @@ def build_model(s: Setting, method: str, train: Dataset) -> nn.Module:
     torch.manual_seed(s.seed)
     model = create_model(ARCH, train.num_classes, train.shape, train.mean, train.std)
     if METHODS[method].layer == "bounded-relu":
-        model = bound_relus(model, 1.0, copy=False)
+        model = apply_layers(model, [("bounded-relu", {"t": 1.0})])  # recorded: `bastion evaluate` rebuilds it
     return model
 
 

@@ -112,3 +112,29 @@ def test_bad_input_is_one_clear_line(args, match, run_dir, tmp_path, capsys):
     assert main(["-q", "audit", *args, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
+
+
+def test_audit_layer_sap_is_attacked_with_eot(run_dir, tmp_path, monkeypatch):
+    """``--layer sap`` puts stochastic activation pruning into the audited model; the adaptive
+    plan, built from the declarations, then attacks through EOT."""
+    import bastion.evaluation as ev
+    from bastion.evaluation.audit import adaptive_plan
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_audit(target, data, threat, **kw):
+        seen["plan"] = adaptive_plan(target, eot=kw.get("eot") or 8)
+        seen["kinds"] = [type(m).__name__ for m in target.modules()]
+        raise Stop
+
+    monkeypatch.setattr(ev, "audit", fake_audit)
+    with pytest.raises(Stop):
+        main(["-q", "audit", "--model", str(run_dir), "--layer", "sap:fraction=0.5", "--threat", "linf:0.1",
+              "--n", "20", "--out", str(tmp_path / "sap"), "--no-progress"])
+    assert seen["plan"].randomized and "StochasticActivationPruning" in seen["kinds"]
+    assert any("EOT" in c for c in seen["plan"].choices)
+    cfg = json.loads((tmp_path / "sap" / "config.json").read_text())
+    assert cfg["model"]["spec"]["layers"] == [{"name": "sap", "kwargs": {"fraction": 0.5}}]

@@ -14,11 +14,32 @@ def test_list_shows_every_registry(capsys):
     out = capsys.readouterr().out
     for word in ("datasets:", "mnist-5k", "fashion-mnist", "cifar10", "imagefolder", "models:", "cnn-small",
                  "wide-resnet", "defenses:", "standard", "pgd-at", "trades", "attacks:", "apgd", "transforms:", "jpeg",
-                 "bart", "detectors:", "mrr"):
+                 "bart", "detectors:", "mrr", "layers:", "bounded-relu", "sap", "thermometer-input"):
         assert word in out
     assert main(["list", "models", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert "preact-resnet18" in data["models"]
+
+
+def test_train_with_a_layer_saves_a_model_that_rebuilds_it(tmp_path, capsys):
+    """`--layer bounded-relu:t=0.5` trains the capped network, and `evaluate --model-path`
+    (any loader of the run folder) gets the capped network back, not plain ReLUs."""
+    import torch
+
+    from bastion.checkpoint import load_model
+
+    out = tmp_path / "capped"
+    assert main(["-q", "train", "--data", "digits", "--model", "mlp", "--model-opt", "hidden=[32]", "--layer",
+                 "bounded-relu:t=0.5", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    model = load_model(out)
+    assert model.spec.layers == [{"name": "bounded-relu", "kwargs": {"t": 0.5}}]
+    hidden = []
+    for m in model.modules():
+        if type(m).__name__ == "BoundedReLU":
+            m.register_forward_hook(lambda mod, i, o: hidden.append(o))
+    model(torch.rand(8, 1, 8, 8) * 4)
+    assert hidden and max(h.max().item() for h in hidden) <= 0.5
+    assert json.loads((out / "config.json").read_text())["model"]["layers"][0]["name"] == "bounded-relu"
 
 
 def test_help_explains_commands(capsys):

@@ -256,3 +256,65 @@ def test_ensemble_is_an_attackable_classifier():
     assert res.success.sum() >= (~clean_correct).sum()  # never fewer errors than on clean inputs
     with torch.no_grad():
         assert math.isfinite(float(F.cross_entropy(ens(res.x_adv), y)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Named layers: recorded in the spec, rebuilt by the checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def test_named_layers_are_recorded_and_rebuilt_by_the_checkpoint(tmp_path):
+    from bastion.checkpoint import load_model, save_model
+    from bastion.defenses.layers import apply_layers
+
+    torch.manual_seed(0)
+    model = apply_layers(create_model("cnn-small", 10, (1, 28, 28)), ["bounded-relu:t=0.5", ("sap", {"fraction": 0.5})])
+    assert model.spec.layers == [{"name": "bounded-relu", "kwargs": {"t": 0.5}},
+                                 {"name": "sap", "kwargs": {"fraction": 0.5}}]
+    save_model(tmp_path / "model", model)
+    back = load_model(tmp_path / "model")
+    kinds = [type(m).__name__ for m in back.modules()]
+    assert kinds.count("BoundedReLU") == 4 and kinds.count("StochasticActivationPruning") == 4
+    assert "ReLU" not in kinds  # every ReLU bounded, SAP after each bounded one
+    x = torch.rand(5, 1, 28, 28)
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(1)
+    b = back(x)
+    assert torch.equal(a, b)  # the same network, the same draws
+    assert back.spec.layers == model.spec.layers
+
+
+def test_a_model_without_layers_saves_as_before():
+    from bastion.models.base import ModelSpec
+
+    spec = create_model("mlp", 3, (1, 4, 4)).spec
+    assert "layers" not in spec.to_dict()  # old checkpoints and run configs stay byte-identical
+    assert ModelSpec.from_dict(spec.to_dict()).layers == []
+
+
+def test_thermometer_input_layer_reads_the_code_and_round_trips(tmp_path):
+    from bastion.checkpoint import load_model, save_model
+    from bastion.defenses.layers import apply_layers
+    from bastion.defenses.transforms import create_transform
+
+    torch.manual_seed(0)
+    model = apply_layers(create_model("cnn-small", 10, (1, 28, 28)), ["thermometer-input:levels=8"])
+    code = create_transform("thermometer:levels=8")(torch.rand(3, 1, 28, 28))
+    assert code.shape[1] == 8
+    save_model(tmp_path / "model", model)
+    back = load_model(tmp_path / "model")
+    assert torch.equal(model(code), back(code))
+    with pytest.raises(RuntimeError):
+        back(torch.rand(3, 1, 28, 28))  # it takes the code, not the image
+
+
+def test_named_layer_errors_name_the_layer():
+    from bastion.defenses.layers import apply_layers
+
+    with pytest.raises(ValueError, match="bounded-relu"):  # the valid names are listed
+        apply_layers(create_model("mlp", 3, (1, 4, 4)), ["bounded-rleu"])
+    with pytest.raises(TypeError, match="layer 'sap'"):
+        apply_layers(create_model("mlp", 3, (1, 4, 4)), ["sap:keep=3"])
+    with pytest.raises(ValueError, match="t"):
+        apply_layers(create_model("mlp", 3, (1, 4, 4)), ["bounded-relu:t=-1"])

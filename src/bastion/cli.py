@@ -122,6 +122,9 @@ def _train_option_group(p: argparse.ArgumentParser) -> None:
                    help="architecture (see `bastion list models`), torchvision:/timm:/pytorchcv:NAME, or module.path:factory")
     g.add_argument("--model-opt", action="append", type=parse_kv, default=[], metavar="KEY=VALUE",
                    help="architecture option, repeatable (e.g. --model-opt widen=4)")
+    g.add_argument("--layer", action="append", default=[], metavar="NAME[:K=V,...]",
+                   help="a model-side defense layer, repeatable, applied in order and recorded in the model (e.g. "
+                        "--layer bounded-relu:t=1, --layer sap:fraction=0.5; see `bastion list layers`)")
     g = p.add_argument_group("defense")
     g.add_argument("--defense", default="standard", metavar="NAME",
                    help="training objective (see `bastion list defenses`; default: standard)")
@@ -172,6 +175,9 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
                    help="an untrained architecture instead of --model-path (for tests; its numbers mean nothing)")
     g.add_argument("--model-opt", action="append", type=parse_kv, default=[], metavar="KEY=VALUE",
                    help="architecture option for --model, repeatable")
+    g.add_argument("--layer", action="append", default=[], metavar="NAME[:K=V,...]",
+                   help="a model-side defense layer added to the model, repeatable (e.g. --layer sap:fraction=0.5; "
+                        "see `bastion list layers`); a randomized one is attacked with EOT")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, metavar="NAME",
                    help="dataset name (default: the dataset the --model-path run was trained on)")
@@ -226,7 +232,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = sub.add_parser("list", help="list datasets, models, defenses, attacks",
                        description="List what Bastion's registries hold.")
     p.add_argument("what", nargs="?", default="all",
-                   choices=["all", "datasets", "models", "defenses", "attacks", "transforms", "detectors"],
+                   choices=["all", "datasets", "models", "defenses", "layers", "attacks", "transforms", "detectors"],
                    help="which registry (default all)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     subs["list"] = p
@@ -291,6 +297,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     g.add_argument("--transform", action="append", default=[], metavar="NAME[:K=V,...]",
                    help="an input transformation in front of the model, repeatable, applied in order (e.g. "
                         "--transform jpeg:quality=60 --transform bit-depth:bits=4; see `bastion list transforms`)")
+    g.add_argument("--layer", action="append", default=[], metavar="NAME[:K=V,...]",
+                   help="a model-side defense layer added to the model, repeatable (e.g. --layer sap:fraction=1; see "
+                        "`bastion list layers`); a randomized one is attacked with EOT")
     g.add_argument("--detector", default=None, metavar="NAME[:K=V,...]",
                    help="a detector, fit on training images and calibrated on other training images (e.g. kde, "
                         "mrr:n=16; see `bastion list detectors`)")
@@ -466,7 +475,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .defenses.training import OBJECTIVES
     from .models import MODELS
 
-    registries: dict[str, Any] = {"datasets": DATASETS, "models": MODELS, "defenses": OBJECTIVES}
+    from .defenses.layers import LAYERS
+
+    registries: dict[str, Any] = {"datasets": DATASETS, "models": MODELS, "defenses": OBJECTIVES, "layers": LAYERS}
     from .attacks import ATTACKS
     from .defenses.detectors import DETECTORS
     from .defenses.transforms import TRANSFORMS
@@ -502,6 +513,10 @@ def run_training(args: argparse.Namespace, command: str) -> tuple[dict[str, Any]
     out = Path(args.out) if args.out else Path("runs") / f"{command}-{args.data}-{args.model.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
     torch_seed(args.seed)
     model = create_model(args.model, train.num_classes, train.shape, train.mean, train.std, **dict(args.model_opt))
+    if getattr(args, "layer", None):
+        from .defenses.layers import apply_layers
+
+        model = apply_layers(model, args.layer)  # recorded in the model's spec: its checkpoint rebuilds them
     objective = create_objective(args.defense, **dict(args.defense_opt))
     epochs, schedule, notes = paper_training_loop(objective, args.epochs, getattr(args, "schedule", None))
     for note in notes:  # cmd_train prints them; the log has them for library callers
@@ -756,6 +771,11 @@ def _eval_model_and_data(args: argparse.Namespace, transforms: Sequence[Any] = (
         log.warning("--model %s is untrained (random weights): its numbers mean nothing; use --model-path for a "
                     "trained model", args.model)
         info = {"path": None, "trained": False}
+    if getattr(args, "layer", None):
+        from .defenses.layers import apply_layers
+
+        model = apply_layers(model, args.layer)  # on top of the layers the checkpoint rebuilt
+        info["added_layers"] = list(args.layer)
     spec = getattr(model, "spec", None)
     if spec is not None:
         info["spec"] = spec.to_dict()
@@ -769,7 +789,10 @@ def _eval_model_and_data(args: argparse.Namespace, transforms: Sequence[Any] = (
                     probe = t(probe)
             shape = tuple(probe.shape[1:])
         if tuple(spec.in_shape) != shape or spec.num_classes != data.num_classes:
-            if shape != data.shape and tuple(spec.in_shape) == data.shape:
+            if shape != data.shape and tuple(spec.in_shape) == data.shape and spec.num_classes == data.num_classes \
+                    and _takes(model, probe):
+                pass  # a layer widened its input for the transform's output (thermometer-input)
+            elif shape != data.shape and tuple(spec.in_shape) == data.shape:
                 raise ValueError(f"--transform turns the {data.shape} images into {shape}, but the model takes "
                                  f"{tuple(spec.in_shape)}: it must be trained on transformed images (e.g. "
                                  "thermometer-encoded ones)")
@@ -779,6 +802,18 @@ def _eval_model_and_data(args: argparse.Namespace, transforms: Sequence[Any] = (
 
     model.to(resolve_device(args.device))
     return model, data, info
+
+
+def _takes(model: Any, probe: Any) -> bool:
+    """Whether `model` runs on `probe` (a batch of one)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(probe.to(next(model.parameters()).device))
+    except RuntimeError:
+        return False
+    return True
 
 
 def _eval_suite(args: argparse.Namespace, command: str) -> Any:
@@ -1160,7 +1195,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                               "(nothing is overwritten)")
     ns = argparse.Namespace(threat=args.threat, model_path=args.model, model=None, model_opt=[], data=args.data,
                             split=args.split, data_root=args.data_root, download=args.download, limit=None,
-                            seed=args.seed, device=args.device)
+                            seed=args.seed, device=args.device, layer=args.layer)
     model, data, model_info = _eval_model_and_data(ns)
     model_info["digest"] = model_digest(model)
     if out is None:

@@ -15,6 +15,11 @@ component                          differentiable  randomized   bpda
 `Ensemble` (vote)                  no              if a member  the mean-probability path
 =================================  ==============  ===========  ==========================
 
+Named layers (`LAYERS`, `apply_layers`): ``bounded-relu``, ``sap`` and ``thermometer-input``
+rewrite a `Classifier` in place *and record themselves in its spec*, so the model's checkpoint
+rebuilds them (`load_model`) and the CLI reaches them (``bastion train --layer bounded-relu:t=1``,
+``bastion audit --layer sap``).
+
 `bound_relus` and `add_sap` rewrite a model's `nn.ReLU` *modules*. A ReLU called as a function
 inside a ``forward`` (``F.relu``, ``torch.relu``, ``x.relu()``, as in Bastion's pre-activation
 ResNet blocks) is not a module and cannot be swapped; pass ``example=`` to have such calls
@@ -24,6 +29,7 @@ detected and refused instead of silently leaving part of the model undefended.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,9 +40,10 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .._checks import check_choice, check_positive
+from .._registry import Registry
 
-__all__ = ["BoundedReLU", "Ensemble", "StochasticActivationPruning", "add_sap", "bound_relus",
-           "count_functional_relus"]
+__all__ = ["LAYERS", "BoundedReLU", "Ensemble", "StochasticActivationPruning", "add_sap", "apply_layers",
+           "bound_relus", "count_functional_relus"]
 
 
 # ============================================================================================
@@ -95,26 +102,27 @@ def count_functional_relus(model: nn.Module, example: Tensor) -> int:
     return counter.calls - module_calls[0]
 
 
-def _replace_relus(model: nn.Module, make: Callable[[nn.ReLU], nn.Module]) -> int:
-    """Replace every `nn.ReLU` submodule (at any depth) by ``make(relu)``; returns how many."""
+def _replace_relus(model: nn.Module, make: Callable[[nn.Module], nn.Module],
+                   kinds: tuple[type, ...] = (nn.ReLU,)) -> int:
+    """Replace every submodule (at any depth) of exactly a type in `kinds` by ``make(it)``; returns how many."""
     count = 0
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if type(child) is nn.ReLU:
+            if type(child) in kinds:
                 setattr(parent, child_name, make(child))
                 count += 1
     return count
 
 
-def _rewrite(model: nn.Module, make: Callable[[nn.ReLU], nn.Module], what: str, *, copy_model: bool,
-             example: Tensor | None) -> nn.Module:
+def _rewrite(model: nn.Module, make: Callable[[nn.Module], nn.Module], what: str, *, copy_model: bool,
+             example: Tensor | None, kinds: tuple[type, ...] = (nn.ReLU,)) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if type(model) is nn.ReLU:
         raise ValueError(f"`model` is itself an nn.ReLU; build the {what} layer directly")
     # Rewrite a copy first, so that a refusal (no ReLU, functional ReLUs) leaves `model` intact.
     trial = copy.deepcopy(model)
-    if _replace_relus(trial, make) == 0:
+    if _replace_relus(trial, make, kinds) == 0:
         raise ValueError(f"{what}: found no nn.ReLU module in the model; ReLUs called as functions "
                          "(F.relu / torch.relu in a forward) cannot be replaced")
     if example is not None:
@@ -125,7 +133,7 @@ def _rewrite(model: nn.Module, make: Callable[[nn.ReLU], nn.Module], what: str, 
                              "cover only part of the network")
     if copy_model:
         return trial
-    _replace_relus(model, make)
+    _replace_relus(model, make, kinds)
     return model
 
 
@@ -273,7 +281,7 @@ class StochasticActivationPruning(nn.Module):
 def add_sap(model: nn.Module, r: int | None = None, fraction: float = 1.0, *, active_in_train: bool = True,
             generator: torch.Generator | None = None, copy: bool = True,
             example: Tensor | None = None) -> nn.Module:
-    """Insert `StochasticActivationPruning` after every `nn.ReLU` module of `model`.
+    """Insert `StochasticActivationPruning` after every `nn.ReLU` (and `BoundedReLU`) module of `model`.
 
     Each ReLU becomes ``nn.Sequential(ReLU(), StochasticActivationPruning(...))``; neither has
     parameters or buffers, so the model's state_dict (and its checkpoints) are unchanged. All
@@ -285,7 +293,7 @@ def add_sap(model: nn.Module, r: int | None = None, fraction: float = 1.0, *, ac
         return nn.Sequential(relu, StochasticActivationPruning(r, fraction, active_in_train=active_in_train,
                                                                generator=generator))
 
-    return _rewrite(model, make, "add_sap", copy_model=copy, example=example)
+    return _rewrite(model, make, "add_sap", copy_model=copy, example=example, kinds=(nn.ReLU, BoundedReLU))
 
 
 # ============================================================================================
@@ -376,3 +384,69 @@ class Ensemble(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
+
+
+# ============================================================================================
+# Layers by name: recorded in the model's spec, rebuilt with its checkpoint
+# ============================================================================================
+
+# name -> (model, **options) -> the rewritten model (in place where the rewrite allows)
+LAYERS: Registry[Callable[..., nn.Module]] = Registry("layer")
+
+
+@LAYERS.register("bounded-relu", "every nn.ReLU capped at t (Zantedeschi et al. 2017); option t (default 1)")
+def _bounded_relu_layer(model: nn.Module, t: float = 1.0) -> nn.Module:
+    return bound_relus(model, t, copy=False)
+
+
+@LAYERS.register("sap", "stochastic activation pruning after every nn.ReLU (Dhillon et al. 2018), randomized: "
+                        "audited with EOT; options fraction (default 1) or r")
+def _sap_layer(model: nn.Module, fraction: float = 1.0, r: int | None = None) -> nn.Module:
+    return add_sap(model, r=r, fraction=fraction, copy=False)
+
+
+@LAYERS.register("thermometer-input", "the first Conv2d/Linear widened to read the thermometer code of the images "
+                                      "(Buckman et al. 2018; use with --transform thermometer:levels=L); option levels")
+def _thermometer_layer(model: nn.Module, levels: int) -> nn.Module:
+    from .transforms.thermometer import adapt_model
+
+    spec = getattr(model, "spec", None)
+    return adapt_model(model, levels, channels=int(spec.in_shape[0]) if spec is not None else 1)
+
+
+def apply_layers(model: nn.Module, layers: Iterable[str | tuple[str, dict[str, Any]]]) -> nn.Module:
+    """Apply named model-side defenses in order and record each in ``model.spec.layers``.
+
+    Args:
+        model: usually a `bastion.models.Classifier` (its spec is what a checkpoint saves; a
+            module without a spec is rewritten all the same, but nothing records it).
+        layers: specs ``"name"`` / ``"name:key=value,..."`` (values parsed as JSON) or
+            ``(name, options)`` pairs; names from `LAYERS` (``bastion list layers``).
+
+    Returns:
+        the rewritten model (the same object, except for ``thermometer-input``, which widens a
+        copy's first layer).
+
+    Raises:
+        ValueError / TypeError: an unknown name (the message lists the valid ones), bad options,
+            or a model the layer cannot rewrite (no nn.ReLU module).
+
+    Example:
+        >>> from bastion.models import create_model
+        >>> m = apply_layers(create_model("cnn-small", 10, (1, 28, 28)), ["bounded-relu:t=1"])
+        >>> m.spec.layers
+        [{'name': 'bounded-relu', 'kwargs': {'t': 1}}]
+    """
+    from .transforms.base import parse_spec
+
+    for item in layers:
+        name, options = parse_spec(item, "layer") if isinstance(item, str) else (item[0], dict(item[1]))
+        build = LAYERS.get(name)
+        try:
+            model = build(model, **options)
+        except TypeError as e:
+            raise TypeError(f"bad options for layer {name!r}: {e}") from e
+        spec = getattr(model, "spec", None)
+        if spec is not None:
+            model.spec = dataclasses.replace(spec, layers=[*spec.layers, {"name": name.lower(), "kwargs": options}])
+    return model

@@ -46,12 +46,17 @@ class ModelSpec:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # model-side defenses applied after the architecture is built, in order, each
+    # {"name": ..., "kwargs": {...}} (`bastion.defenses.layers.apply_layers`, e.g. bounded ReLU, SAP)
+    layers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["in_shape"] = list(self.in_shape)
         d["mean"] = None if self.mean is None else list(self.mean)
         d["std"] = None if self.std is None else list(self.std)
+        if not self.layers:  # files of models without layers stay as they were
+            del d["layers"]
         return d
 
     @classmethod
@@ -59,7 +64,9 @@ class ModelSpec:
         return cls(name=d["name"], num_classes=int(d["num_classes"]), in_shape=tuple(d["in_shape"]),
                    mean=None if d.get("mean") is None else tuple(d["mean"]),
                    std=None if d.get("std") is None else tuple(d["std"]),
-                   kwargs=dict(d.get("kwargs") or {}))
+                   kwargs=dict(d.get("kwargs") or {}),
+                   layers=[{"name": str(x["name"]), "kwargs": dict(x.get("kwargs") or {})}
+                           for x in d.get("layers") or []])
 
 
 class Classifier(nn.Module):
@@ -146,9 +153,15 @@ def create_model(name: str, num_classes: int, in_shape: Sequence[int],
 
 
 def model_from_spec(spec: ModelSpec | dict[str, Any]) -> Classifier:
+    """Rebuild the model `spec` describes (untrained), its model-side defense layers included."""
     if isinstance(spec, dict):
         spec = ModelSpec.from_dict(spec)
-    return create_model(spec.name, spec.num_classes, spec.in_shape, spec.mean, spec.std, **spec.kwargs)
+    model = create_model(spec.name, spec.num_classes, spec.in_shape, spec.mean, spec.std, **spec.kwargs)
+    if spec.layers:
+        from ..defenses.layers import apply_layers  # defenses import models, not the other way round
+
+        model = apply_layers(model, [(x["name"], x["kwargs"]) for x in spec.layers])
+    return model
 
 
 def list_models() -> list[str]:

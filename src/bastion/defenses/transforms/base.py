@@ -198,19 +198,30 @@ def register_transform(name: str, summary: str | None = None):
     return deco
 
 
-def create_transform(spec: str, **kwargs: Any) -> Transform:
-    """Build a transform from ``"name"`` or ``"name:key=value,key=value"`` (values parsed as JSON)."""
+def parse_spec(spec: str, what: str = "transform") -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``"name:key=value,key=value"`` -> (name, options); values parsed as JSON
+    (else kept as strings), dashes in keys become underscores; `what` names the kind in errors."""
     import json
 
-    name, _, opts = spec.partition(":")
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a {what} is given as NAME or NAME:KEY=VALUE,..., got {spec!r}")
+    name, _, opts = spec.strip().partition(":")
+    kwargs: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in _split_options(opts))):
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"transform option {item!r} in {spec!r} must be key=value")
+            raise ValueError(f"{what} option {item!r} in {spec!r} must be key=value")
         try:
             kwargs[key.strip().replace("-", "_")] = json.loads(raw)
         except json.JSONDecodeError:
             kwargs[key.strip().replace("-", "_")] = raw
+    return name, kwargs
+
+
+def create_transform(spec: str, **kwargs: Any) -> Transform:
+    """Build a transform from ``"name"`` or ``"name:key=value,key=value"`` (values parsed as JSON)."""
+    name, opts = parse_spec(spec, "transform")
+    kwargs.update(opts)
     cls = TRANSFORMS.get(name)
     try:
         return cls(**kwargs)
