@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 STANDARD = "runs/bench-fmnist-cnn"
 TRAINING = "runs/training/fashion-mnist"
+GENERATIVE = "runs/generative/fmnist"  # benchmarks/train_generative.py: PixelCNN, GAN generator
+THERMOMETER = "runs/bench-fmnist-thermometer/levels16-run"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Row:
     detector: str | None = None
     note: str = ""
     extra: tuple[str, ...] = field(default_factory=tuple)
+    n: int | None = None  # a cap on --n for the slow defenses (the audit multiplies their cost)
+    needs: tuple[str, ...] = ()  # files that must exist (e.g. a generative model's .json)
 
 
 ROWS = (
@@ -51,8 +55,19 @@ ROWS = (
     Row("JPEG (quality 75)", STANDARD, ("jpeg:quality=75",)),
     Row("bit depth (3 bits)", STANDARD, ("bit-depth:bits=3",)),
     Row("TV minimization", STANDARD, ("tvm",)),
-    Row("image quilting", STANDARD, ("quilting",)),
+    Row("image quilting", STANDARD, ("quilting:num_patches=20000",), n=50,
+        note="database of 20,000 training patches (as in benchmarks/transforms.py); randomized: EOT"),
     Row("BaRT", STANDARD, ("bart",), note="randomized: EOT"),
+    Row("SAP", STANDARD, extra=("--layer", "sap:fraction=1"),
+        note="stochastic activation pruning after every ReLU of the standard model; randomized: EOT"),
+    Row("thermometer encoding", THERMOMETER, ("thermometer:levels=16",),
+        note="16 levels; the classifier fine-tuned on encoded images (benchmarks/transforms.py)"),
+    Row("PixelDefend", STANDARD, (f"pixeldefend:model={GENERATIVE}/pixelcnn,eps_defend=0.1",), n=20,
+        needs=(f"{GENERATIVE}/pixelcnn.json",), note="PixelCNN of benchmarks/train_generative.py; 20 images"),
+    Row("Defense-GAN", STANDARD, (f"defense-gan:model={GENERATIVE}/generator,restarts=4,steps=50",), n=20,
+        needs=(f"{GENERATIVE}/generator.json",), extra=("--eot", "2"),
+        note="GAN of benchmarks/train_generative.py, L=4, R=50; EOT over 2 draws (each draw is L·R generator "
+             "steps); 20 images"),
     Row("defensive distillation", f"{TRAINING}/distillation-n5000-e2-b64",
         note="benchmarks/training.py --methods distillation (5,000 images, 2 epochs)"),
     Row("detector: kernel density", STANDARD, detector="kde"),
@@ -68,14 +83,37 @@ def slug(name: str) -> str:
 
 
 def command(row: Row, args: argparse.Namespace, out: Path) -> list[str]:
+    n = min(args.n, row.n) if row.n else args.n
     cmd = [sys.executable, "-m", "bastion", "audit", "--model", row.model, "--data", "fashion-mnist",
-           "--threat", args.threat, "--n", str(args.n), "--budget", args.budget, "--seed", "0", "--out", str(out),
+           "--threat", args.threat, "--n", str(n), "--budget", args.budget, "--seed", "0", "--out", str(out),
            "--no-progress"]
     for t in row.transforms:
         cmd += ["--transform", t]
     if row.detector:
         cmd += ["--detector", row.detector]
     return cmd + list(row.extra)
+
+
+def prepare_thermometer() -> None:
+    """The thermometer row's run folder: the standard model with its first layer widened for the
+    16-level code (the `thermometer-input` layer, recorded in model.json) and the weights that
+    benchmarks/transforms.py fine-tuned on encoded images (trained there, and cached, if absent)."""
+    out = ROOT / THERMOMETER
+    if (out / "model.json").exists():
+        return
+    sys.path.insert(0, str(ROOT / "src"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from transforms import thermometer_model  # noqa: E402  (the cached fine-tune)
+
+    from bastion.checkpoint import load_model, save_model
+    from bastion.defenses.layers import apply_layers
+
+    base = load_model(ROOT / STANDARD)
+    tuned = thermometer_model(base, 16, 1, 0)
+    model = apply_layers(base, ["thermometer-input:levels=16"])
+    model.load_state_dict(tuned.state_dict())
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out / "model", model)
 
 
 def shown(cmd: list[str]) -> str:
@@ -89,8 +127,12 @@ def run_missing(args: argparse.Namespace) -> None:
         out = args.root / slug(row.name)
         if (out / "report.json").exists() or (args.only and not any(k in slug(row.name) for k in args.only)):
             continue
-        if not (ROOT / row.model / "model.json").exists():
-            print(f"skip {row.name}: no model at {row.model}", file=sys.stderr)
+        if row.model == THERMOMETER:
+            prepare_thermometer()
+        missing = [f for f in (f"{row.model}/model.json", *row.needs) if not (ROOT / f).exists()]
+        if missing:
+            print(f"skip {row.name}: {', '.join(missing)} not found "
+                  f"({'benchmarks/train_generative.py makes it' if row.needs else row.note})", file=sys.stderr)
             continue
         cmd = command(row, args, out)
         print(f"$ {shown(cmd)}", file=sys.stderr)

@@ -93,13 +93,14 @@ def test_audit_fits_quilting_on_the_training_split(run_dir, tmp_path, monkeypatc
 
     def fake_audit(target, data, threat, **kw):
         seen["fitted"] = [getattr(t, "fitted", None) for t in target.transforms]
+        seen["size"] = [t.database.shape[0] for t in target.transforms]
         raise Stop
 
     monkeypatch.setattr(ev, "audit", fake_audit)
     with pytest.raises(Stop):
-        main(["-q", "audit", "--model", str(run_dir), "--transform", "quilting:patch_size=2,overlap=0,k=2",
+        main(["-q", "audit", "--model", str(run_dir), "--transform", "quilting:patch_size=2,overlap=0,k=2,num_patches=30",
               "--threat", "linf:0.1", "--n", "20", "--out", str(tmp_path / "quilt"), "--no-progress"])
-    assert seen["fitted"] == [True]
+    assert seen["fitted"] == [True] and seen["size"] == [30]  # the size the option asked for
 
 
 @pytest.mark.parametrize("args, match", [

@@ -63,6 +63,9 @@ class Quilting(RandomizedTransform):
         k: choose uniformly among the k nearest database patches (k = 1: deterministic).
             Default 10.
         database: optional P×(C·patch_size²) tensor of flattened patches (else call `fit`).
+        num_patches: the database size `fit` samples when not told otherwise (None: every patch).
+            Default 100,000; the cost of a pass grows linearly with it (``bastion audit
+            --transform quilting:num_patches=20000`` for a faster audit).
         seed / generator: see `RandomizedTransform`.
 
     Example:
@@ -74,9 +77,11 @@ class Quilting(RandomizedTransform):
     randomized = True
 
     def __init__(self, patch_size: int = 5, overlap: int = 2, k: int = 10, database: Tensor | None = None,
-                 seed: int | None = None, generator: torch.Generator | None = None) -> None:
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 num_patches: int | None = 100_000) -> None:
         super().__init__(seed, generator)
         self.patch_size = check_int_range(patch_size, "patch_size", 1)
+        self.num_patches = None if num_patches is None else check_int_range(num_patches, "num_patches", 1)
         self.overlap = check_int_range(overlap, "overlap", 0, patch_size - 1)
         self.k = check_int_range(k, "k", 1)
         self.randomized = self.k > 1  # instance-level declaration (k = 1 is deterministic)
@@ -100,18 +105,21 @@ class Quilting(RandomizedTransform):
         return self.database.numel() > 0
 
     @torch.no_grad()
-    def fit(self, images: Tensor, num_patches: int | None = 100_000, seed: int = 0) -> "Quilting":
+    def fit(self, images: Tensor, num_patches: int | None | str = "default", seed: int = 0) -> "Quilting":
         """Build the database from clean images: every patch position, or `num_patches` sampled.
 
         Args:
             images: N×C×H×W clean (training) images in [0, 1], H and W >= patch_size.
-            num_patches: database size cap (None: all N·(H−p+1)·(W−p+1) patches).
+            num_patches: database size cap (None: all N·(H−p+1)·(W−p+1) patches; default: the
+                constructor's `num_patches`).
             seed: seed of the subsampling.
 
         Returns:
             self (the database is replaced).
         """
         check_images(images, "images")
+        if num_patches == "default":
+            num_patches = self.num_patches
         if num_patches is not None:
             check_int_range(num_patches, "num_patches", 1)
         p = self.patch_size
