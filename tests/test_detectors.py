@@ -404,3 +404,24 @@ def test_errors_name_the_argument(setup):
         KernelDensity(layer="net.missing").fit(m, x, y)
     with pytest.raises(ValueError, match="no nn.Linear"):
         LayerTap().resolve(TinyCNN().features)
+
+
+@pytest.mark.parametrize("abort_early", [True, False])
+def test_detector_aware_cw_without_a_detector_is_plain_cw(abort_early):
+    """With no detector the detector-aware C&W is the very same optimizer as `CW` (same Adam,
+    binary search, early abort and success rule), so its distortion is the reference that the
+    detector's extra cost is measured against (the "normalized L2" of the detection tables)."""
+    from bastion.attacks.cw import CW
+    from bastion.attacks.detector_aware import DetectorAwareCW
+    from bastion.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mlp", 10, (1, 8, 8), hidden=(32,)).eval()
+    x = torch.rand(16, 1, 8, 8)
+    y = model(x).argmax(1)
+    y[:3] = (y[:3] + 1) % 10  # three already misclassified: both return them (within 1e-6)
+    kw = dict(binary_search_steps=4, max_iterations=60, initial_const=0.1, learning_rate=0.05, abort_early=abort_early)
+    plain = CW(**kw)(model, x, y, seed=0).x_adv
+    aware = DetectorAwareCW(**kw)(model, x, y, seed=0).x_adv
+    assert torch.allclose(plain, aware, atol=1e-5)
+    assert (plain - x).flatten(1).norm(dim=1)[3:].gt(0).all()  # the rest really were attacked

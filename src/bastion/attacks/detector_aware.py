@@ -304,7 +304,7 @@ class DetectorAwareCW(Attack):
                 active = torch.ones(n, dtype=torch.bool, device=x.device)
                 prev = torch.full((n,), math.inf, device=x.device, dtype=x.dtype)
                 found = torch.zeros(n, dtype=torch.bool, device=x.device)
-                for it in range(1, self.max_iterations + 1):
+                for it in range(self.max_iterations):
                     idx = active.nonzero().squeeze(1)
                     if idx.numel() == 0:
                         break
@@ -318,13 +318,8 @@ class DetectorAwareCW(Attack):
                             else torch.zeros_like(f_cls)
                         loss = l2sq + const[idx] * (f_cls + f_det)
                         (g,) = torch.autograd.grad(loss.sum(), [wg])
-                    # Adam, per coordinate (so a batch equals its examples run one by one)
-                    m[idx] = 0.9 * m[idx] + 0.1 * g
-                    v[idx] = 0.999 * v[idx] + 0.001 * g * g
-                    mh, vh = m[idx] / (1 - 0.9 ** it), v[idx] / (1 - 0.999 ** it)
-                    w[idx] = (w[idx] - self.learning_rate * mh / (vh.sqrt() + 1e-8)).detach()
                     with torch.no_grad():
-                        ok = logits.argmax(1) != y[idx]
+                        ok = (logits.argmax(1) != y[idx]) & (margin(logits, y[idx]) >= self.kappa)
                         if det is not None and bool(ok.any()):
                             ok = ok & _undetected(det, xa.detach(), threshold)
                         better = ok & (l2sq.detach() < best_l2[idx])
@@ -332,11 +327,20 @@ class DetectorAwareCW(Attack):
                         best_l2[sel] = l2sq.detach()[better]
                         best_x[sel] = xa.detach()[better]
                         found[idx[ok]] = True
+                        keep = torch.ones_like(ok)
                         if self.abort_early and it % check_every == 0:
+                            # stalled (0.01% over the last check_every steps): stop before this update,
+                            # exactly as plain `CW` does, so that without a detector the two agree
                             lv = loss.detach()
-                            stalled = lv > 0.9999 * prev[idx]
-                            active[idx[stalled]] = False
+                            keep = lv <= 0.9999 * prev[idx]
                             prev[idx] = lv
+                            active[idx[~keep]] = False
+                    # Adam, per coordinate (so a batch equals its examples run one by one)
+                    a, gk, t = idx[keep], g[keep], it + 1
+                    m[a] = 0.9 * m[a] + 0.1 * gk
+                    v[a] = 0.999 * v[a] + 0.001 * gk * gk
+                    mh, vh = m[a] / (1 - 0.9 ** t), v[a] / (1 - 0.999 ** t)
+                    w[a] = (w[a] - self.learning_rate * mh / (vh.sqrt() + 1e-8)).detach()
                 # binary search on c, per example
                 lower = torch.where(found, lower, const)
                 upper = torch.where(found, torch.minimum(upper, const), upper)
