@@ -86,6 +86,19 @@ def test_randomized_transforms_are_attacked_with_eot(run_dir, tmp_path):
     assert 0 <= rep.robust_accuracy <= rep.clean_accuracy
 
 
+def test_a_randomized_layer_is_attacked_with_eot_too(run_dir, tmp_path):
+    """`--layer sap` alone (no transform) makes the model randomized: the evaluation attacks it
+    through EOT and says so, instead of a naive single-draw attack."""
+    out = tmp_path / "sap"
+    assert main(_evaluate(run_dir, out, "--layer", "sap:fraction=0.5", "--eot", "3", "--naive")) == 0
+    rep = Report.load(out / "report.json")
+    assert rep.config["defense"]["eot"] == 3
+    assert "EOT over 3 draws (randomized: StochasticActivationPruning)" in rep.notes[0]
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert model["spec"]["layers"] == [{"name": "sap", "kwargs": {"fraction": 0.5}}]
+    assert (out / "report-naive.json").exists()  # --naive: the single-draw attack beside it
+
+
 def test_attack_with_a_transform_scores_the_real_pipeline(run_dir, tmp_path, capsys):
     out = tmp_path / "atk"
     assert main(["-q", "attack", "--model-path", str(run_dir), "--limit", "32", "--attack", "pgd",

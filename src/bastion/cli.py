@@ -920,7 +920,7 @@ def run_evaluation(args: argparse.Namespace, command: str) -> tuple[Any, Path]:
     entries = resolve_attacks(suite)  # fail on unknown names before loading anything
     specs = list(getattr(args, "transform", None) or [])
     transforms = _build_transforms(specs)  # likewise: unknown transforms and options fail here
-    if getattr(args, "naive", False) and not transforms:
+    if getattr(args, "naive", False) and not transforms and not getattr(args, "layer", None):
         raise ValueError("--naive compares with the adaptive attack on a defense: it needs at least one --transform")
     from . import distributed as D
 
@@ -939,7 +939,11 @@ def run_evaluation(args: argparse.Namespace, command: str) -> tuple[Any, Path]:
         model_info["compiled"] = True
     naive_model = None
     cam_model = model  # the grid's class-activation maps: the deployed pipeline, not its EOT attack view
-    if transforms:
+    randomized_model = any(getattr(m, "randomized", False) is True for m in model.modules())
+    if getattr(args, "naive", False) and not (transforms or randomized_model):
+        raise ValueError("--naive compares with the adaptive attack on a defense: it needs at least one --transform "
+                         "or a randomized --layer (e.g. sap)")
+    if transforms or randomized_model:  # a randomized layer (--layer sap) is attacked with EOT too
         defended, model, model_info["defense"] = _defended(transforms, model, specs, args.eot)
         cam_model = defended
         defended.to(_model_device(model))
