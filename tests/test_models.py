@@ -27,6 +27,8 @@ STD = {1: (0.31,), 3: (0.25, 0.24, 0.26)}
 def build(name: str, in_shape: tuple[int, int, int], num_classes: int = 10, **kwargs) -> Classifier:
     torch.manual_seed(0)
     c = in_shape[0]
+    if name == "ensemble" and "members" not in kwargs:  # two small members of the same shape
+        kwargs["members"] = [create_model("mlp", num_classes, in_shape, hidden=h).spec.to_dict() for h in ([8], [4])]
     return create_model(name, num_classes, in_shape, mean=MEAN[c], std=STD[c], **{**SMALL.get(name, {}), **kwargs})
 
 

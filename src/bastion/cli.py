@@ -458,6 +458,18 @@ def _add_harden_transfer_parsers(sub: Any, subs: dict[str, argparse.ArgumentPars
                    help="output folder (default runs/transfer-<data>-<time>); an existing report is never overwritten")
     subs["transfer"] = p
 
+    p = sub.add_parser("ensemble", help="combine trained models into one model folder (mean logits/probs or vote)",
+                       description="Combine run folders of `bastion train` into one ensemble model (Ensemble: mean "
+                                   "logits, log of the mean probability, or majority vote) saved as a model folder "
+                                   "that every command loads as one model (evaluate, audit, transfer, ...). Writes "
+                                   "model.json, model.safetensors and config.json into --out.")
+    p.add_argument("members", nargs="+", metavar="RUN_DIR", help="two or more run folders (or checkpoints)")
+    p.add_argument("--mode", choices=("logits", "probs", "vote"), default="logits",
+                   help="how the members combine (default logits); vote is attacked through its mean-probability "
+                        "path (BPDA)")
+    p.add_argument("--out", required=False, default=None, metavar="DIR", help="output folder (required)")
+    subs["ensemble"] = p
+
 
 # ----------------------------------------------------------------------------- commands
 
@@ -1668,10 +1680,44 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_write_json, load_model, save_model
+    from .defenses.layers import ensemble_model
+
+    if args.out is None:
+        raise ValueError("--out DIR is required (where the ensemble's model folder goes)")
+    out = Path(args.out)
+    if (out / "model.json").exists():
+        raise FileExistsError(f"--out {out} already holds a model (model.json); choose another folder "
+                              "(nothing is overwritten)")
+    if len(args.members) < 2:
+        raise ValueError(f"an ensemble needs at least two members, got {len(args.members)}: {args.members}")
+    models, datas = [], []
+    for m in args.members:
+        path = Path(m)
+        if not path.exists() and not path.with_suffix(".json").exists():
+            raise FileNotFoundError(f"member {m} not found: give run folders of `bastion train` or checkpoints")
+        models.append(load_model(path))
+        datas.append((_run_config(path).get("data") or {}))
+    names = {(d.get("train") or d.get("test") or {}).get("name") for d in datas} - {None}
+    if len(names) > 1:
+        raise ValueError(f"the members were trained on different datasets ({', '.join(sorted(names))}); an "
+                         "ensemble's members must classify the same images")
+    ens = ensemble_model(models, args.mode)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out / "model", ens)
+    atomic_write_json(out / "config.json", {"command": "ensemble", "argv": list(getattr(args, "argv", sys.argv[1:])),
+                                            "members": [str(m) for m in args.members], "mode": args.mode,
+                                            "data": datas[0]})
+    print(f"ensemble of {len(models)} models ({args.mode}) written to {out}/: model.json, model.safetensors, "
+          "config.json")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "list": cmd_list, "train": cmd_train, "attack": cmd_attack, "evaluate": cmd_evaluate, "demo": cmd_demo,
     "audit": cmd_audit, "report": cmd_report, "detect": cmd_detect, "harden": cmd_harden,
-    "transfer": cmd_transfer}
+    "transfer": cmd_transfer, "ensemble": cmd_ensemble}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

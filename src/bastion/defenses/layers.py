@@ -43,7 +43,7 @@ from .._checks import check_choice, check_positive
 from .._registry import Registry
 
 __all__ = ["LAYERS", "BoundedReLU", "Ensemble", "StochasticActivationPruning", "add_sap", "apply_layers",
-           "bound_relus", "count_functional_relus"]
+           "bound_relus", "count_functional_relus", "ensemble_model"]
 
 
 # ============================================================================================
@@ -450,3 +450,38 @@ def apply_layers(model: nn.Module, layers: Iterable[str | tuple[str, dict[str, A
         if spec is not None:
             model.spec = dataclasses.replace(spec, layers=[*spec.layers, {"name": name.lower(), "kwargs": options}])
     return model
+
+
+def ensemble_model(models: Iterable[nn.Module], mode: str = "logits") -> nn.Module:
+    """Trained `Classifier`s as one savable `Classifier` (the ``"ensemble"`` architecture).
+
+    Unlike ``Ensemble(models)``, the result carries a spec that lists every member's spec, so
+    `bastion.checkpoint.save_model` / `load_model` round-trip it and the CLI can load it as one
+    model (``bastion ensemble RUN RUN ... --out DIR``, then ``bastion evaluate --model-path DIR``).
+
+    Args:
+        models: trained classifiers built by Bastion (each with a ``spec``), same classes and
+            input shape; their weights are copied.
+        mode: ``"logits"``, ``"probs"`` or ``"vote"`` (see `Ensemble`).
+
+    Raises:
+        ValueError: no models, a model without a spec, or members that disagree on classes/shape.
+    """
+    from ..models import create_model
+
+    models = list(models)
+    if not models:
+        raise ValueError("`models` is empty: an ensemble needs at least one member")
+    specs = []
+    for i, m in enumerate(models):
+        spec = getattr(m, "spec", None)
+        if spec is None:
+            raise ValueError(f"`models[{i}]` has no spec (build it with bastion.models.create_model or load it "
+                             "with bastion.checkpoint.load_model); wrap plain modules in `Ensemble` instead")
+        specs.append(spec)
+    first = specs[0]
+    ens = create_model("ensemble", first.num_classes, first.in_shape, members=[s.to_dict() for s in specs],
+                       mode=mode)
+    for dst, src in zip(ens.net.members, models):
+        dst.load_state_dict(src.state_dict())
+    return ens

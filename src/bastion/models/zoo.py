@@ -344,10 +344,45 @@ def wide_resnet(num_classes: int, in_shape: Sequence[int], *, depth: int = 28, w
     return net
 
 
+# --------------------------------------------------------------------------------------------
+# ensemble (of trained models, saved as one)
+# --------------------------------------------------------------------------------------------
+
+@MODELS.register("ensemble", "trained models combined into one (`bastion ensemble RUN RUN ...`): "
+                             "members=[model specs], mode=logits|probs|vote")
+def ensemble(num_classes: int, in_shape: Sequence[int], *, members: Sequence[Any], mode: str = "logits") -> nn.Module:
+    """The `bastion.defenses.layers.Ensemble` of the models the member specs describe.
+
+    This is how an ensemble is saved: its spec lists each member's spec (name, options,
+    normalization, layers), so `load_model` rebuilds every member and loads all weights at once,
+    and every command (evaluate, audit, transfer) attacks the ensemble as one model. Build one
+    from trained models with `bastion.defenses.layers.ensemble_model` or ``bastion ensemble``.
+
+    Args:
+        num_classes, in_shape: those of every member.
+        members: member specs (`ModelSpec` or its dict), in order.
+        mode: ``"logits"``, ``"probs"`` or ``"vote"`` (see `Ensemble`).
+    """
+    from ..defenses.layers import Ensemble  # defenses import models; only this builder needs them
+    from .base import ModelSpec, model_from_spec
+
+    num_classes = _check_num_classes(num_classes)
+    if isinstance(members, (str, bytes)) or not isinstance(members, Sequence) or not members:
+        raise ValueError(f"`members` must be a non-empty list of model specs, got {members!r}")
+    nets = []
+    for i, m in enumerate(members):
+        spec = m if isinstance(m, ModelSpec) else ModelSpec.from_dict(m)
+        if spec.num_classes != num_classes or tuple(spec.in_shape) != tuple(in_shape):
+            raise ValueError(f"`members[{i}]` ({spec.name}) takes {tuple(spec.in_shape)} images with "
+                             f"{spec.num_classes} classes; the ensemble takes {tuple(in_shape)} with {num_classes}")
+        nets.append(model_from_spec(spec))
+    return Ensemble(nets, mode)
+
+
 def count_parameters(net: nn.Module) -> int:
     """Number of trainable parameters (used in the docs to check architectures against papers)."""
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-__all__ = ["PreActBlock", "ZooNet", "cnn_small", "count_parameters", "madry_cnn", "mlp", "preact_resnet18",
-           "wide_resnet"]
+__all__ = ["PreActBlock", "ZooNet", "cnn_small", "count_parameters", "ensemble", "madry_cnn", "mlp",
+           "preact_resnet18", "wide_resnet"]
