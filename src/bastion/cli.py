@@ -467,7 +467,7 @@ def _add_harden_transfer_parsers(sub: Any, subs: dict[str, argparse.ArgumentPars
     p.add_argument("--mode", choices=("logits", "probs", "vote"), default="logits",
                    help="how the members combine (default logits); vote is attacked through its mean-probability "
                         "path (BPDA)")
-    p.add_argument("--out", required=False, default=None, metavar="DIR", help="output folder (required)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (required)")
     subs["ensemble"] = p
 
 
