@@ -122,6 +122,23 @@ def test_quilting_gets_its_database_from_the_training_split(run_dir, tmp_path):
     assert decl["name"] == "quilting" and decl["database_size"] > 0 and decl["randomized"] is False
 
 
+def test_a_model_widened_for_the_thermometer_code_is_evaluated_behind_it(tmp_path):
+    """A model whose spec says it takes the 1×8×8 images but whose `thermometer-input` layer reads
+    their 4-level code passes the shape check; the probe runs it on the code."""
+    from bastion.checkpoint import save_model
+    from bastion.defenses.layers import apply_layers
+    from bastion.models import create_model
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "thermo" / "model",
+               apply_layers(create_model("mlp", 10, (1, 8, 8), hidden=[16]), ["thermometer-input:levels=4"]))
+    out = tmp_path / "ev"
+    assert main(["-q", "evaluate", "--model-path", str(tmp_path / "thermo" / "model"), "--data", "digits", "--limit",
+                 "16", "--attack", "fgsm", "--threat", "linf:0.1", "--grid", "0", "--transform", "thermometer:levels=4",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert Report.load(out / "report.json").n == 16
+
+
 def test_transforms_from_a_config_file(run_dir, tmp_path):
     cfg = tmp_path / "ev.toml"
     cfg.write_text(f'model-path = "{run_dir}"\nthreat = "linf:0.1"\nattack = ["fgsm"]\nlimit = 16\ngrid = 0\n'

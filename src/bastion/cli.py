@@ -800,32 +800,16 @@ def _eval_model_and_data(args: argparse.Namespace, transforms: Sequence[Any] = (
                 for t in transforms:
                     probe = t(probe)
             shape = tuple(probe.shape[1:])
-        if tuple(spec.in_shape) != shape or spec.num_classes != data.num_classes:
-            if shape != data.shape and tuple(spec.in_shape) == data.shape and spec.num_classes == data.num_classes \
-                    and _takes(model, probe):
-                pass  # a layer widened its input for the transform's output (thermometer-input)
-            elif shape != data.shape and tuple(spec.in_shape) == data.shape:
-                raise ValueError(f"--transform turns the {data.shape} images into {shape}, but the model takes "
-                                 f"{tuple(spec.in_shape)}: it must be trained on transformed images (e.g. "
-                                 "thermometer-encoded ones)")
+        # a model built for the transformed images, or for the images themselves (a layer such as
+        # thermometer-input may widen its input for the transform's output): `_probe` runs it on the
+        # transformed images before anything is attacked and says so if it cannot take them
+        if tuple(spec.in_shape) not in (shape, data.shape) or spec.num_classes != data.num_classes:
             raise ValueError(f"the model takes {tuple(spec.in_shape)} images with {spec.num_classes} classes, but "
                              f"{data.name} has {shape} images with {data.num_classes} classes: wrong --data?")
     from .defenses.training.trainer import resolve_device
 
     model.to(resolve_device(args.device))
     return model, data, info
-
-
-def _takes(model: Any, probe: Any) -> bool:
-    """Whether `model` runs on `probe` (a batch of one)."""
-    import torch
-
-    try:
-        with torch.no_grad():
-            model(probe.to(next(model.parameters()).device))
-    except RuntimeError:
-        return False
-    return True
 
 
 def _eval_suite(args: argparse.Namespace, command: str) -> Any:
@@ -932,8 +916,6 @@ def run_evaluation(args: argparse.Namespace, command: str) -> tuple[Any, Path]:
     entries = resolve_attacks(suite)  # fail on unknown names before loading anything
     specs = list(getattr(args, "transform", None) or [])
     transforms = _build_transforms(specs)  # likewise: unknown transforms and options fail here
-    if getattr(args, "naive", False) and not transforms and not getattr(args, "layer", None):
-        raise ValueError("--naive compares with the adaptive attack on a defense: it needs at least one --transform")
     from . import distributed as D
 
     rank, world_size = D.init_from_env()  # under torchrun: evaluate shards its batches, rank 0 writes
@@ -1064,8 +1046,11 @@ def _probe(defended: Any, data: Any) -> None:
         try:
             defended.model(z)
         except RuntimeError as e:
-            raise ValueError(f"the model cannot take the images after --transform (shape {tuple(z.shape[1:])}): "
-                             f"{str(e).splitlines()[0]}") from e
+            spec = getattr(defended.model, "spec", None)
+            takes = f", but the model takes {tuple(spec.in_shape)}" if spec is not None else ""
+            raise ValueError(f"--transform turns the {tuple(x.shape[1:])} images into {tuple(z.shape[1:])}{takes}: "
+                             "the model must be trained on transformed images (e.g. thermometer-encoded ones, with "
+                             f"--layer thermometer-input:levels=L); {str(e).splitlines()[0]}") from e
 
 
 def _model_device(model: Any) -> Any:
@@ -1698,7 +1683,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         if not path.exists() and not path.with_suffix(".json").exists():
             raise FileNotFoundError(f"member {m} not found: give run folders of `bastion train` or checkpoints")
         models.append(load_model(path))
-        datas.append((_run_config(path).get("data") or {}))
+        datas.append(_run_config(path).get("data") or {})
     names = {(d.get("train") or d.get("test") or {}).get("name") for d in datas} - {None}
     if len(names) > 1:
         raise ValueError(f"the members were trained on different datasets ({', '.join(sorted(names))}); an "

@@ -313,13 +313,14 @@ class DetectorAwareCW(Attack):
                         xa = (torch.tanh(wg) + 1) / 2
                         logits = model(xa)
                         l2sq = (xa - x[idx]).flatten(1).pow(2).sum(1)
-                        f_cls = (self.kappa - margin(logits, y[idx])).clamp_min(0.0)
+                        gap = margin(logits, y[idx])  # > 0: misclassified
+                        f_cls = (self.kappa - gap).clamp_min(0.0)
                         f_det = detector_penalty(det, xa, self.combine, self.det_kappa, eot) if det is not None \
                             else torch.zeros_like(f_cls)
                         loss = l2sq + const[idx] * (f_cls + f_det)
                         (g,) = torch.autograd.grad(loss.sum(), [wg])
                     with torch.no_grad():
-                        ok = (logits.argmax(1) != y[idx]) & (margin(logits, y[idx]) >= self.kappa)
+                        ok = (logits.argmax(1) != y[idx]) & (gap.detach() >= self.kappa)
                         if det is not None and bool(ok.any()):
                             ok = ok & _undetected(det, xa.detach(), threshold)
                         better = ok & (l2sq.detach() < best_l2[idx])
