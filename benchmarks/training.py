@@ -9,14 +9,15 @@
     python benchmarks/training.py --cost --methods all --epochs 2          # every method's epoch, side by side
     python benchmarks/training.py --data fashion-mnist --train-n 10000 --epochs 2 --eval-n 200 --table-only
 
-The setting (issue 4): `cnn-small` (430,890 parameters on 28×28 grey images), SGD with momentum
+The setting (issue 4): `cnn-small` (430,890 parameters on 28×28 grey images; ``--arch madry-cnn``,
+3,274,634 parameters at the same cost per step, puts another network under every row), SGD with momentum
 0.9, weight decay 5e-4, batch 128, peak learning rate 0.05 with the one-cycle schedule (Fast AT:
 the cyclic schedule of its paper; Free AT: ceil(epochs / m) epochs, see
 `bastion.cli.paper_training_loop`), L∞ eps ``--eps`` = 0.1, images in [0, 1]. Each method is
 trained from scratch with Bastion's `Trainer`; evaluation is on the test images spread evenly over
 the test split (``--eval-n`` of them):
 
-* clean accuracy;
+* clean accuracy, on the attacked images and on the whole test split;
 * FGSM and naive PGD-20 (CE, one random start): what a weak evaluation would report;
 * robust accuracy under ``evaluate(preset="standard")`` (APGD-CE, APGD-T, Square; worst case per
   example): the number to read.
@@ -29,7 +30,7 @@ capped at 1 (``bound_relus``), trained with plain cross-entropy. Distillation tr
 temperature T (``distillation-teacher``) and then the student on its soft labels.
 
 Resumable and incremental: each method trains into its own folder,
-``--root/<data>/<method>[-<eps>]-n<train images>-e<epochs>``, resuming from its last checkpoint
+``--root/<data>/<method>[-<eps>]-n<train images>-e<epochs>[-<arch>]``, resuming from its last checkpoint
 when interrupted (Ctrl-C and rerun the same command); its evaluation is cached in that folder as
 ``eval-linf<eps>-n<eval images>-<suite>.json`` (the standard suite also keeps a resumable state file). The
 tables are assembled from whatever is finished, so a later session (or ``--device cuda``)
@@ -186,9 +187,11 @@ class Setting:
     lr: float = 0.05
     seed: int = 0
     cost_n: int = 512
+    arch: str = ARCH
 
     def tag(self) -> str:
         extra = (f"-b{self.batch_size}" if self.batch_size != 128 else "") + (f"-lr{self.lr:g}" if self.lr != 0.05 else "")
+        extra += f"-{self.arch}" if self.arch != ARCH else ""
         return f"n{self.train_n or 'all'}-e{self.epochs}{extra}"
 
 
@@ -208,7 +211,7 @@ def spread(data: Dataset, n: int | None) -> Dataset:
 
 def build_model(s: Setting, method: str, train: Dataset) -> nn.Module:
     torch.manual_seed(s.seed)
-    model = create_model(ARCH, train.num_classes, train.shape, train.mean, train.std)
+    model = create_model(s.arch, train.num_classes, train.shape, train.mean, train.std)
     if METHODS[method].layer == "bounded-relu":
         model = apply_layers(model, [("bounded-relu", {"t": 1.0})])  # recorded: `bastion evaluate` rebuilds it
     return model
@@ -264,13 +267,35 @@ def naive_cache_path(cache: Path) -> Path:
     return cache.with_name(cache.stem + "-naive.json")
 
 
-def eval_method(s: Setting, method: str, eps: float, train: Dataset, test: Dataset, progress: bool) -> dict[str, Any]:
-    """Clean, FGSM, PGD-20 and standard-suite accuracies of a trained method (cached in its folder)."""
+@torch.no_grad()
+def clean_accuracy(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of `model` (eval mode) on every image of `data`."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(data), batch_size):
+        x, y = data.images[i:i + batch_size].to(device), data.labels[i:i + batch_size].to(device)
+        correct += int((model(x).argmax(1) == y).sum())
+    return correct / len(data)
+
+
+def eval_method(s: Setting, method: str, eps: float, train: Dataset, test: Dataset, progress: bool,
+                test_all: Dataset | None = None) -> dict[str, Any]:
+    """Clean, FGSM, PGD-20 and standard-suite accuracies of a trained method (cached in its folder).
+
+    `test` is the attacked subset; with `test_all` (the whole test split) the clean accuracy on all
+    of it is added as ``clean_all`` (also to caches written before this column existed): the
+    evenly spread subset is not exactly as hard as the whole split.
+    """
     out = run_dir(s, method, eps)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / f"eval-linf{eps:g}-n{len(test)}-{s.suite}.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        res = json.loads(cache.read_text())
+        if test_all is not None and "clean_all" not in res:
+            res.update(clean_all=clean_accuracy(load_trained(s, method, eps, train), test_all), n_all=len(test_all))
+            atomic_write_json(cache, res)
+        return res
     model = load_trained(s, method, eps, train)
     threat = f"linf:{eps:g}"
     randomized = METHODS[method].layer == "sap"
@@ -285,6 +310,8 @@ def eval_method(s: Setting, method: str, eps: float, train: Dataset, test: Datas
         pgd = evaluate(model, test, threat, "quick", progress=False, seed=s.seed)
         res.update(clean=pgd.clean_accuracy, fgsm=fgsm.robust_accuracy, pgd20=pgd.robust_accuracy,
                    naive_s=round(time.perf_counter() - t0, 1))
+        if test_all is not None:
+            res.update(clean_all=clean_accuracy(model, test_all), n_all=len(test_all))
         atomic_write_json(naive_cache, res)
     target = EOT(model, n=s.eot) if randomized else model
     log.info("%s: clean %.3f, FGSM %.3f, PGD-20 %.3f; now the %s suite%s on %d images", method, res["clean"],
@@ -325,7 +352,7 @@ def collect(s: Setting, methods: list[tuple[str, float | None]]) -> list[dict[st
 
 def load_cost(s: Setting) -> dict[str, Any] | None:
     """The `--cost` result for this setting's data, batch size and eps, if it was run."""
-    path = cost_path(s.root, s.data, s.cost_n, s.batch_size, s.eps)
+    path = cost_path(s.root, s.data, s.cost_n, s.batch_size, s.eps, s.arch)
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -342,8 +369,8 @@ def table(s: Setting, rows: list[dict[str, Any]]) -> str:
     # The rows' own training times were taken whenever each row ran, at the machine's load of the
     # moment: with a cost run, the ratio column comes from it (all methods timed side by side).
     ratio_head = "× standard (interleaved cost run)" if cost_res else "× standard (as run)"
-    lines = [f"| method | eps | clean % | FGSM % | PGD-20 % (naive) | {suite} % | train time s (as run) | "
-             f"{ratio_head} |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| method | eps | clean % | clean % (whole test split) | FGSM % | PGD-20 % (naive) | {suite} % | "
+             f"train time s (as run) | {ratio_head} |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ev, tr, m = r["eval"] or {}, r["train"], METHODS[r["method"]]
         if m.base is not None:
@@ -362,7 +389,8 @@ def table(s: Setting, rows: list[dict[str, Any]]) -> str:
         if ev.get("eot"):
             std_col += f" (EOT-{ev['eot']})"
         clean = ev.get("standard_clean", ev.get("clean")) if ev.get("eot") else ev.get("clean")
-        lines.append(f"| {r['method']} | {r['eps']:g} | {_pct(clean)} | {_pct(ev.get('fgsm'))} | "
+        clean_all = _pct(ev.get("clean_all")) + (" (one SAP draw)" if ev.get("eot") and "clean_all" in ev else "")
+        lines.append(f"| {r['method']} | {r['eps']:g} | {_pct(clean)} | {clean_all} | {_pct(ev.get('fgsm'))} | "
                      f"{_pct(ev.get('pgd20'))} | {std_col} | {t} | {ratio} |")
     return "\n".join(lines)
 
@@ -597,9 +625,9 @@ def speed_table(res: dict[str, Any]) -> str:
 COST_PROBE = "fast-at probe (once per epoch)"
 
 
-def cost_path(root: Path, data: str, n: int, batch_size: int, eps: float) -> Path:
-    """Where `--cost` writes its result for this data set, image count, batch size and eps."""
-    return root / data / f"cost-n{n}-b{batch_size}-eps{eps:g}.json"
+def cost_path(root: Path, data: str, n: int, batch_size: int, eps: float, arch: str = ARCH) -> Path:
+    """Where `--cost` writes its result for this data set, image count, batch size, eps and architecture."""
+    return root / data / f"cost-n{n}-b{batch_size}-eps{eps:g}{'' if arch == ARCH else '-' + arch}.json"
 
 
 def cost(args: argparse.Namespace) -> dict[str, Any]:
@@ -619,7 +647,7 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     train = load_dataset(args.data, "train").take(args.cost_n)
     torch.manual_seed(0)
-    init = create_model(ARCH, train.num_classes, train.shape, train.mean, train.std)
+    init = create_model(args.arch, train.num_classes, train.shape, train.mean, train.std)
     names: list[str] = []
     for method, _ in parse_methods(args.methods):
         m = METHODS[method]
@@ -718,6 +746,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated methods, METHOD@EPS for another eps, or a group ({', '.join(GROUPS)}); "
                         f"known: {', '.join(METHODS)}")
     p.add_argument("--eps", type=float, default=0.1, help="L∞ radius of training and evaluation")
+    p.add_argument("--arch", default=ARCH, choices=("cnn-small", "madry-cnn", "mlp"),
+                   help="the network of every row (and of --cost); run folders of another than cnn-small carry its name")
     p.add_argument("--train-n", type=int, default=None, help="first N training images (default: all)")
     p.add_argument("--epochs", type=int, default=10, help="epoch budget per method (free-at: ceil(epochs/8))")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
@@ -766,7 +796,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(speed_table(res))
     elif args.cost:
         res = cost(args)
-        path = cost_path(args.root, args.data, args.cost_n, args.batch_size, args.eps)
+        path = cost_path(args.root, args.data, args.cost_n, args.batch_size, args.eps, args.arch)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, res)
         print(f"One Trainer epoch per method on {res['n']} {args.data} training images (batch {args.batch_size}, "
@@ -775,23 +805,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(cost_table(res, args.epochs))
     else:
         s = Setting(args.data, args.train_n, args.epochs, args.eval_n, args.eps, args.root, args.device, args.eot,
-                    args.suite, args.batch_size, args.lr, cost_n=args.cost_n)
+                    args.suite, args.batch_size, args.lr, cost_n=args.cost_n, arch=args.arch)
         methods = parse_methods(args.methods)
         train = load_dataset(args.data, "train").take(args.train_n)
-        test = spread(load_dataset(args.data, "test"), args.eval_n)
+        test_all = load_dataset(args.data, "test")
+        test = spread(test_all, args.eval_n)
         if not args.table_only:
             for method, eps_opt in methods:
                 eps = eps_opt if eps_opt is not None else args.eps
                 t0 = time.perf_counter()
                 train_method(s, method, eps, train, test, args.progress)
                 if not args.no_eval:
-                    eval_method(s, method, eps, train, test, args.progress)
+                    eval_method(s, method, eps, train, test, args.progress, test_all)
                 log.info("%s done (%.0f s this session)", method, time.perf_counter() - t0)
         rows = collect(s, methods)
         res = {"setting": {**vars(s), "root": str(s.root), "train_images": len(train), "eval_images": len(test),
-                           "arch": ARCH, "params": sum(p.numel() for p in build_model(s, "standard", train).parameters())},
+                           "arch": s.arch, "params": sum(p.numel() for p in build_model(s, "standard", train).parameters())},
                "rows": rows, "findings": findings(rows, s.suite, load_cost(s), s.epochs, len(train))}
-        print(f"{args.data}, {ARCH} ({res['setting']['params']:,} parameters), {len(train)} training images, "
+        print(f"{args.data}, {s.arch} ({res['setting']['params']:,} parameters), {len(train)} training images, "
               f"{args.epochs} epochs, batch {args.batch_size}, peak lr {args.lr:g}, evaluation on {len(test)} test "
               f"images, L∞ eps {args.eps:g}:\n")
         print(table(s, rows))

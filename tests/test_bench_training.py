@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -40,6 +41,29 @@ def test_run_folders_name_the_setting(bench, tmp_path):
     assert bench.run_dir(s, "fgsm-at", 0.3).name == "fgsm-at-0.3-nall-e4-b64"
     assert bench.run_dir(s, "standard", 0.3).name == "standard-nall-e4-b64"   # not adversarial: no eps
     assert bench.run_dir(s, "sap", 0.1).name == "sap-nall-e4-b64"
+    wide = bench.Setting("mnist-5k", None, 4, 100, 0.1, tmp_path, "cpu", 8, arch="madry-cnn")
+    assert bench.run_dir(wide, "fast-at", 0.1).name == "fast-at-0.1-nall-e4-madry-cnn"
+    assert bench.cost_path(tmp_path, "d", 512, 128, 0.1, "madry-cnn").name == "cost-n512-b128-eps0.1-madry-cnn.json"
+    assert bench.cost_path(tmp_path, "d", 512, 128, 0.1).name == "cost-n512-b128-eps0.1.json"
+
+
+def test_clean_accuracy_on_the_whole_split_is_its_own_column(bench, tmp_path):
+    from bastion.data import Dataset
+    torch.manual_seed(0)
+    x = torch.rand(30, 1, 4, 4)
+    data = Dataset("toy", "test", x, (x.mean((1, 2, 3)) > 0.5).long(), ["low", "high"], (0.5,), (0.3,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    with torch.no_grad():   # predicts class 1 when the mean pixel exceeds 0.5: right on every image
+        model[1].weight.copy_(torch.stack([-torch.ones(16), torch.ones(16)]) / 16)
+        model[1].bias.copy_(torch.tensor([0.5, -0.5]))
+    assert bench.clean_accuracy(model, data, batch_size=7) == 1.0
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([10.0, -10.0]))   # always class 0
+    assert bench.clean_accuracy(model, data, batch_size=7) == pytest.approx(float((data.labels == 0).float().mean()))
+    s = bench.Setting("fashion-mnist", None, 2, 100, 0.1, tmp_path, "cpu", 8)
+    row = _row("fast-at", 0.1, 0.904, 0.84, 0.80, 0.78, 10.0)
+    row["eval"]["clean_all"] = 0.886
+    assert "| fast-at | 0.1 | 90.4 | 88.6 | 84.0 | 80.0 | 78.0 |" in bench.table(s, [row])
 
 
 def _row(method, eps, clean, fgsm, pgd, suite, t):
@@ -53,7 +77,7 @@ def test_table_and_findings(bench, tmp_path):
             _row("pgd-at", 0.1, 0.85, 0.7, 0.7, 0.6, 120.0), _row("fast-at", 0.1, 0.86, 0.7, 0.66, 0.57, 30.0),
             {"method": "trades", "eps": 0.1, "folder": "", "train": None, "eval": None}]
     text = bench.table(s, rows)
-    assert "| fgsm-at | 0.3 | 80.0 | 90.0 | 10.0 | 0.0 | 30 | 3.0 |" in text
+    assert "| fgsm-at | 0.3 | 80.0 | not measured | 90.0 | 10.0 | 0.0 | 30 | 3.0 |" in text
     assert "| trades | 0.1 | not measured |" in text
     found = "\n".join(bench.findings(rows))
     assert "fgsm-at at eps 0.3" in found and "catastrophic overfitting (robust" in found
@@ -87,11 +111,11 @@ def test_cost_ratios_follow_the_epochs_each_method_trains(bench, tmp_path):
             _row("fast-at", 0.1, 0.86, 0.7, 0.66, 0.57, 30.0), _row("fgsm-at", 0.3, 0.8, 0.9, 0.1, 0.0, 30.0)]
     text = bench.table(s, rows)
     assert "× standard (interleaved cost run) |" in text and "(as run) |\n" not in text
-    assert "| pgd-at | 0.1 | 85.0 | 70.0 | 70.0 | 60.0 | 40 | 9.0 |" in text
-    assert "| fgsm-at | 0.3 | 80.0 | 90.0 | 10.0 | 0.0 | 30 | not measured |" in text   # no fgsm-at in the cost run
-    assert "| fast-at | 0.1 | 86.0 | 70.0 | 66.0 | 57.0 | 30 | 2.0 |" in text
+    assert "| pgd-at | 0.1 | 85.0 | not measured | 70.0 | 70.0 | 60.0 | 40 | 9.0 |" in text
+    assert "| fgsm-at | 0.3 | 80.0 | not measured | 90.0 | 10.0 | 0.0 | 30 | not measured |" in text   # no fgsm-at in the cost run
+    assert "| fast-at | 0.1 | 86.0 | not measured | 70.0 | 66.0 | 57.0 | 30 | 2.0 |" in text
     other_eps = bench.table(s, [_row("pgd-at", 0.3, 0.5, 0.4, 0.3, 0.2, 50.0)])
-    assert "| pgd-at | 0.3 | 50.0 | 40.0 | 30.0 | 20.0 | 50 | 9.0 (timed at eps 0.1: same work per step) |" in other_eps
+    assert "| pgd-at | 0.3 | 50.0 | not measured | 40.0 | 30.0 | 20.0 | 50 | 9.0 (timed at eps 0.1: same work per step) |" in other_eps
     found = "\n".join(bench.findings(rows, "apgd-ce", bench.load_cost(s), 2, 5000))
     assert "as run" not in found   # the cost run replaces the times taken at different loads
     # from the cost run: 2/9 = 22%; with the probe (0.5 s per epoch vs 1 s per 512 images) 2.0488/9 = 23%
@@ -119,7 +143,7 @@ def test_a_naive_only_evaluation_shows_with_the_suite_not_measured(bench, tmp_pa
     bench.naive_cache_path(cache).write_text('{"clean": 0.8, "fgsm": 0.51, "pgd20": 0.5}')
     rows = bench.collect(s, [("sap", None)])
     assert rows[0]["eval"] == {"clean": 0.8, "fgsm": 0.51, "pgd20": 0.5}
-    assert "| sap | 0.1 | 80.0 | 51.0 | 50.0 | not measured | 0 (reuses standard) | 0 |" in bench.table(s, rows)
+    assert "| sap | 0.1 | 80.0 | not measured | 51.0 | 50.0 | not measured | 0 (reuses standard) | 0 |" in bench.table(s, rows)
     assert bench.findings(rows, "apgd-ce") == []
 
 
