@@ -111,6 +111,7 @@ class Method:
         base: a method whose trained weights this one reuses instead of training (SAP).
         teacher: a method whose trained model is this one's distillation teacher.
         note: shown under the table.
+        eps_options: options that depend on the training eps (called with it).
     """
 
     objective: str
@@ -120,9 +121,24 @@ class Method:
     base: str | None = None
     teacher: str | None = None
     note: str = ""
+    eps_options: Callable[[float], dict[str, Any]] | None = None
+
+    def options_at(self, eps: float) -> dict[str, Any]:
+        """The objective's options for training at `eps`."""
+        options = dict(self.options)
+        if self.adversarial:
+            options["eps"] = eps
+        if self.eps_options is not None:
+            options.update(self.eps_options(eps))
+        return options
 
 
 DISTILLATION_T = 20.0
+
+
+def _mixed(alpha: float, eps: float) -> dict[str, Any]:
+    """FGSM-AT's options for alpha·CE(x) + (1 − alpha)·CE(x'), x' = Fast AT's adversary at `eps`."""
+    return {"alpha": alpha, "attacks": [{"name": "pgd", "steps": 1, "step_size": 1.25 * eps, "restarts": 1}]}
 
 METHODS: dict[str, Method] = {
     "standard": Method("standard"),
@@ -130,6 +146,11 @@ METHODS: dict[str, Method] = {
     "pgd-at": Method("pgd-at", {"steps": 10}, adversarial=True, note="Madry et al. 2018: 10 steps of 2.5·eps/10"),
     "fast-at": Method("fast-at", adversarial=True, note="Wong et al. 2020: FGSM from a random start, step 1.25·eps, "
                                                          "cyclic learning rate"),
+    "fast-at-mixed": Method("fgsm-at", adversarial=True, eps_options=lambda eps: _mixed(0.5, eps),
+                            note="Goodfellow's 0.5·CE(x) + 0.5·CE(x') with Fast AT's adversary (a random start and "
+                                 "one step of 1.25·eps): clean accuracy for some robustness"),
+    "fast-at-mixed-a0.2": Method("fgsm-at", adversarial=True, eps_options=lambda eps: _mixed(0.2, eps),
+                                 note="as fast-at-mixed with alpha 0.2: 0.2·CE(x) + 0.8·CE(x')"),
     "free-at": Method("free-at", {"replays": 8}, adversarial=True,
                       note="Shafahi et al. 2019: m = 8 replays, ceil(epochs/8) epochs"),
     "alp": Method("alp", adversarial=True, note="Kannan et al. 2018: mixed CE + 0.5·logit pairing, PGD-10"),
@@ -225,9 +246,7 @@ def train_method(s: Setting, method: str, eps: float, train: Dataset, test: Data
         return train_method(s, m.base, eps, train, test, progress)
     if (out / "report.json").exists():
         return out
-    options = dict(m.options)
-    if m.adversarial:
-        options["eps"] = eps
+    options = m.options_at(eps)
     if m.teacher is not None:
         options["teacher"] = str(train_method(s, m.teacher, eps, train, test, progress) / "model")
     objective = create_objective(m.objective, **options)
@@ -659,9 +678,7 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
 
     def objective_of(method: str) -> Any:
         m = METHODS[method]
-        options = dict(m.options)
-        if m.adversarial:
-            options["eps"] = args.eps
+        options = m.options_at(args.eps)
         if m.objective == "fast-at":
             options["overfit_check"] = False
         if m.teacher is not None:

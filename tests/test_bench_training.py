@@ -36,6 +36,17 @@ def test_parse_methods(bench):
         bench.parse_methods("pgd")
 
 
+def test_mixed_rows_use_fast_ats_adversary_at_the_rows_eps(bench):
+    from bastion.defenses.training import create_objective
+    opts = bench.METHODS["fast-at-mixed-a0.2"].options_at(0.2)
+    assert opts == {"eps": 0.2, "alpha": 0.2,
+                    "attacks": [{"name": "pgd", "steps": 1, "step_size": pytest.approx(0.25), "restarts": 1}]}
+    assert bench.METHODS["fast-at-mixed"].options_at(0.1)["alpha"] == 0.5
+    assert bench.METHODS["pgd-at"].options_at(0.3) == {"steps": 10, "eps": 0.3}
+    objective = create_objective("fgsm-at", **opts)   # the registry accepts what the row trains with
+    assert objective.alpha == 0.2 and objective.eps == 0.2
+
+
 def test_run_folders_name_the_setting(bench, tmp_path):
     s = bench.Setting("mnist-5k", None, 4, 100, 0.1, tmp_path, "cpu", 8, "apgd-ce", 64)
     assert bench.run_dir(s, "fgsm-at", 0.3).name == "fgsm-at-0.3-nall-e4-b64"
