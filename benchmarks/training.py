@@ -85,7 +85,7 @@ from bastion.cli import paper_training_loop  # noqa: E402
 from bastion.data import Dataset, load_dataset  # noqa: E402
 from bastion.defenses.layers import add_sap, apply_layers, bound_relus  # noqa: E402
 from bastion.defenses.training import TrainConfig, Trainer, create_objective  # noqa: E402
-from bastion.defenses.training.trainer import resolve_device  # noqa: E402
+from bastion.defenses.training.trainer import accuracy, resolve_device  # noqa: E402
 from bastion.evaluation import evaluate  # noqa: E402
 from bastion.models import create_model  # noqa: E402
 
@@ -287,18 +287,6 @@ def naive_cache_path(cache: Path) -> Path:
     return cache.with_name(cache.stem + "-naive.json")
 
 
-@torch.no_grad()
-def clean_accuracy(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of `model` (eval mode) on every image of `data`."""
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(data), batch_size):
-        x, y = data.images[i:i + batch_size].to(device), data.labels[i:i + batch_size].to(device)
-        correct += int((model(x).argmax(1) == y).sum())
-    return correct / len(data)
-
-
 def eval_method(s: Setting, method: str, eps: float, train: Dataset, test: Dataset, progress: bool,
                 test_all: Dataset | None = None) -> dict[str, Any]:
     """Clean, FGSM, PGD-20 and standard-suite accuracies of a trained method (cached in its folder).
@@ -313,7 +301,7 @@ def eval_method(s: Setting, method: str, eps: float, train: Dataset, test: Datas
     if cache.exists():
         res = json.loads(cache.read_text())
         if test_all is not None and "clean_all" not in res:
-            res.update(clean_all=clean_accuracy(load_trained(s, method, eps, train), test_all), n_all=len(test_all))
+            res.update(clean_all=accuracy(load_trained(s, method, eps, train), test_all)[0], n_all=len(test_all))
             atomic_write_json(cache, res)
         return res
     model = load_trained(s, method, eps, train)
@@ -331,7 +319,7 @@ def eval_method(s: Setting, method: str, eps: float, train: Dataset, test: Datas
         res.update(clean=pgd.clean_accuracy, fgsm=fgsm.robust_accuracy, pgd20=pgd.robust_accuracy,
                    naive_s=round(time.perf_counter() - t0, 1))
         if test_all is not None:
-            res.update(clean_all=clean_accuracy(model, test_all), n_all=len(test_all))
+            res.update(clean_all=accuracy(model, test_all)[0], n_all=len(test_all))
         atomic_write_json(naive_cache, res)
     target = EOT(model, n=s.eot) if randomized else model
     log.info("%s: clean %.3f, FGSM %.3f, PGD-20 %.3f; now the %s suite%s on %d images", method, res["clean"],
