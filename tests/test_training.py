@@ -365,3 +365,22 @@ def test_resume_with_tuple_model_options(digits_ds, tmp_path):
     Trainer(_model(tr, hidden=(32,)), tr, te, _cfg(epochs=1), run_dir=run, progress=False).fit()
     Trainer(_model(tr, hidden=(32,)), tr, te, _cfg(epochs=1), run_dir=run, resume=True, progress=False).fit()
     load_checkpoint(run / "model", _model(tr, hidden=(32,)))
+
+
+def test_accuracy_counts_every_image_across_batches():
+    from bastion.defenses.training.trainer import accuracy
+    torch.manual_seed(0)
+    x = torch.rand(30, 1, 4, 4)
+    data = Dataset("toy", "test", x, (x.mean((1, 2, 3)) > 0.5).long(), ["low", "high"], (0.5,), (0.3,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    with torch.no_grad():   # predicts class 1 when the mean pixel exceeds 0.5: right on every image
+        model[1].weight.copy_(torch.stack([-torch.ones(16), torch.ones(16)]) / 16)
+        model[1].bias.copy_(torch.tensor([0.5, -0.5]))
+    model.train()
+    assert accuracy(model, data, batch_size=7)[0] == 1.0
+    assert model.training   # restored
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([10.0, -10.0]))   # always class 0
+    acc, loss = accuracy(model, data, batch_size=7)
+    assert acc == pytest.approx(float((data.labels == 0).float().mean())) and 0 < acc < 1
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(model(x), data.labels)), rel=1e-5)
