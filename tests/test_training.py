@@ -383,4 +383,4 @@ def test_accuracy_counts_every_image_across_batches():
         model[1].bias.copy_(torch.tensor([10.0, -10.0]))   # always class 0
     acc, loss = accuracy(model, data, batch_size=7)
     assert acc == pytest.approx(float((data.labels == 0).float().mean())) and 0 < acc < 1
-    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(model(x), data.labels)), rel=1e-5)
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(model(x), data.labels).detach()), rel=1e-5)
