@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     quiet_setup(args.threads)
-    print(f"| run | checkpoint step | clean % | FGSM % | PGD-20 % |\n|---|---|---|---|---|")
+    print("| run | checkpoint step | clean % | FGSM % | PGD-20 % |\n|---|---|---|---|---|")
     for run in args.runs:
         r = probe(run, args.data, args.n, args.offset, args.eps)
         print(f"| {run.name} | {r['step']} | {100 * r['clean']:.1f} | {100 * r['fgsm']:.1f} | {100 * r['pgd20']:.1f} |")
