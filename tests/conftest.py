@@ -6,6 +6,8 @@ the fixtures work before and without any of Bastion's own loaders.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,24 @@ def digits_model_b(digits) -> nn.Module:
     """A second, independently seeded TinyCNN (a transfer target / ensemble member)."""
     torch.manual_seed(1)
     return train_tiny(TinyCNN(), digits["x_train"], digits["y_train"], seed=1)
+
+
+@contextlib.contextmanager
+def benchmark_module(filename: str):
+    """A script of benchmarks/ imported as a module, its folder on sys.path (for `_common`) while in use."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    name = "bench_" + Path(filename).stem
+    sys.path.insert(0, str(root))
+    try:
+        spec = importlib.util.spec_from_file_location(name, root / filename)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up while being built
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(name, None)
+        sys.path.remove(str(root))

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import benchmark_module
 
 from bastion.checkpoint import save_checkpoint
 from bastion.data import load_dataset
 from bastion.models import create_model
 
-ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def probe_mod():
-    sys.path.insert(0, str(ROOT))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_probe", ROOT / "probe_checkpoint.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+    with benchmark_module("probe_checkpoint.py") as mod:
         yield mod
-    finally:
-        sys.path.remove(str(ROOT))
 
 
 def _model(seed: int):

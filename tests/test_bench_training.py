@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_training", ROOT / "training.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["bench_training"] = mod  # dataclasses look their module up while being built
-        spec.loader.exec_module(mod)
+    with benchmark_module("training.py") as mod:
         yield mod
-    finally:
-        sys.modules.pop("bench_training", None)
-        sys.path.remove(str(ROOT))
 
 
 def test_parse_methods(bench):
