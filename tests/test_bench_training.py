@@ -33,6 +33,15 @@ def test_mixed_rows_use_fast_ats_adversary_at_the_rows_eps(bench):
     assert objective.alpha == 0.2 and objective.eps == 0.2
 
 
+def test_smaller_ball_rows_train_below_the_evaluated_eps(bench, tmp_path):
+    from bastion.defenses.training import create_objective
+    objective = create_objective("fast-at", **bench.METHODS["fast-at-0.8eps"].options_at(0.1))
+    assert objective.eps == pytest.approx(0.08)          # trained in the smaller ball ...
+    assert bench.METHODS["fast-at-0.7eps"].options_at(0.2)["eps"] == pytest.approx(0.14)
+    s = bench.Setting("fashion-mnist", None, 20, 1000, 0.1, tmp_path, "cpu", 8)
+    assert bench.run_dir(s, "fast-at-0.8eps", 0.1).name == "fast-at-0.8eps-0.1-nall-e20"   # ... attacked at eps
+
+
 def test_run_folders_name_the_setting(bench, tmp_path):
     s = bench.Setting("mnist-5k", None, 4, 100, 0.1, tmp_path, "cpu", 8, "apgd-ce", 64)
     assert bench.run_dir(s, "fgsm-at", 0.3).name == "fgsm-at-0.3-nall-e4-b64"
