@@ -176,8 +176,12 @@ METHODS: dict[str, Method] = {
     "sap": Method("standard", layer="sap", base="standard",
                   note="Dhillon et al. 2018: SAP-100 after every ReLU of the standard model (no training)"),
 }
+# Variants of the methods tried for the clean half of the target (not in "all": its table is
+# the methods, one row each, and every variant is another full training).
+VARIANTS = ("fast-at-mixed", "fast-at-mixed-a0.2", "fast-at-0.8eps", "fast-at-0.7eps")
 GROUPS = {
-    "all": [m for m in METHODS if m != "distillation-teacher"],
+    "all": [m for m in METHODS if m != "distillation-teacher" and m not in VARIANTS],
+    "variants": list(VARIANTS),
     "fast": ["standard", "fgsm-at", "fast-at", "gaussian-augmentation", "label-smoothing"],
 }
 

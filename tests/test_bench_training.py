@@ -17,7 +17,11 @@ def test_parse_methods(bench):
                                                                     ("fgsm-at", None)]
     fast = bench.parse_methods("fast,standard")
     assert fast[0] == ("standard", None) and ("fast-at", None) in fast and len(fast) == len(set(fast))
-    assert ("distillation-teacher", None) not in bench.parse_methods("all")
+    everything = bench.parse_methods("all")
+    assert ("distillation-teacher", None) not in everything
+    assert ("fast-at-0.8eps", None) not in everything and ("fast-at-mixed", None) not in everything
+    assert ("pgd-at", None) in everything and ("sap", None) in everything
+    assert set(bench.parse_methods("all,variants")) == {(m, None) for m in bench.METHODS} - {("distillation-teacher", None)}
     with pytest.raises(SystemExit, match="unknown method 'pgd'"):
         bench.parse_methods("pgd")
 
