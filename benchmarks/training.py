@@ -162,6 +162,8 @@ METHODS: dict[str, Method] = {
     "alp": Method("alp", adversarial=True, note="Kannan et al. 2018: mixed CE + 0.5·logit pairing, PGD-10"),
     "clp": Method("clp", note="Kannan et al. 2018: clean logit pairing, lam 0.5"),
     "trades": Method("trades", adversarial=True, note="Zhang et al. 2019: beta 6, 10 KL steps"),
+    "trades-b1": Method("trades", {"beta": 1.0, "steps": 5}, adversarial=True,
+                        note="TRADES at beta 1 (the clean end of its trade), 5 KL steps of 2.5·eps/5"),
     "mma": Method("mma", adversarial=True, note="Ding et al. 2020: dmax = eps"),
     "mart": Method("mart", adversarial=True, note="Wang et al. 2020: beta 6, PGD-10"),
     "gaussian-augmentation": Method("gaussian-augmentation", note="Zantedeschi et al. 2017: sigma 0.1"),
@@ -178,7 +180,7 @@ METHODS: dict[str, Method] = {
 }
 # Variants of the methods tried for the clean half of the target (not in "all": its table is
 # the methods, one row each, and every variant is another full training).
-VARIANTS = ("fast-at-mixed", "fast-at-mixed-a0.2", "fast-at-0.8eps", "fast-at-0.7eps")
+VARIANTS = ("fast-at-mixed", "fast-at-mixed-a0.2", "fast-at-0.8eps", "fast-at-0.7eps", "trades-b1")
 GROUPS = {
     "all": [m for m in METHODS if m != "distillation-teacher" and m not in VARIANTS],
     "variants": list(VARIANTS),

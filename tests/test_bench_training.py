@@ -46,6 +46,15 @@ def test_smaller_ball_rows_train_below_the_evaluated_eps(bench, tmp_path):
     assert bench.run_dir(s, "fast-at-0.8eps", 0.1).name == "fast-at-0.8eps-0.1-nall-e20"   # ... attacked at eps
 
 
+def test_trades_b1_row_trades_at_the_clean_end(bench):
+    from bastion.defenses.training import create_objective
+    objective = create_objective("trades", **bench.METHODS["trades-b1"].options_at(0.1))
+    assert objective.beta == 1.0 and objective.steps == 5 and objective.eps == pytest.approx(0.1)
+    assert create_objective("trades", **bench.METHODS["trades"].options_at(0.1)).beta == 6.0   # the paper's row
+    assert ("trades-b1", None) in bench.parse_methods("variants")
+    assert ("trades-b1", None) not in bench.parse_methods("all")
+
+
 def test_run_folders_name_the_setting(bench, tmp_path):
     s = bench.Setting("mnist-5k", None, 4, 100, 0.1, tmp_path, "cpu", 8, "apgd-ce", 64)
     assert bench.run_dir(s, "fgsm-at", 0.3).name == "fgsm-at-0.3-nall-e4-b64"
