@@ -112,6 +112,7 @@ class Method:
         teacher: a method whose trained model is this one's distillation teacher.
         note: shown under the table.
         eps_options: options that depend on the training eps (called with it).
+        train: `TrainConfig` options of this row beyond the setting's (e.g. ``ema_decay``).
     """
 
     objective: str
@@ -122,6 +123,7 @@ class Method:
     teacher: str | None = None
     note: str = ""
     eps_options: Callable[[float], dict[str, Any]] | None = None
+    train: dict[str, Any] = field(default_factory=dict)
 
     def options_at(self, eps: float) -> dict[str, Any]:
         """The objective's options for training at `eps`."""
@@ -155,6 +157,9 @@ METHODS: dict[str, Method] = {
     "fast-at-0.8eps": Method("fast-at", adversarial=True, eps_options=lambda eps: {"eps": 0.8 * eps},
                              note="Fast AT trained at 0.8·eps (0.08 at eps 0.1), attacked at eps: a smaller training "
                                   "ball buys clean accuracy with robustness at the evaluated eps"),
+    "fast-at-ema": Method("fast-at", adversarial=True, train={"ema_decay": 0.999},
+                          note="Fast AT whose model is the moving average of its weights (decay 0.999 per step; "
+                               "Gowal et al. 2020): clean and robust accuracy of the smoothed trajectory"),
     "fast-at-0.7eps": Method("fast-at", adversarial=True, eps_options=lambda eps: {"eps": 0.7 * eps},
                              note="as fast-at-0.8eps, trained at 0.7·eps"),
     "free-at": Method("free-at", {"replays": 8}, adversarial=True,
@@ -180,7 +185,7 @@ METHODS: dict[str, Method] = {
 }
 # Variants of the issue's methods tried for the clean half of the target (not in "all": its table is
 # the issue's methods, one row each, and every variant is another full training).
-VARIANTS = ("fast-at-mixed", "fast-at-mixed-a0.2", "fast-at-0.8eps", "fast-at-0.7eps", "trades-b1")
+VARIANTS = ("fast-at-mixed", "fast-at-mixed-a0.2", "fast-at-0.8eps", "fast-at-0.7eps", "trades-b1", "fast-at-ema")
 GROUPS = {
     "all": [m for m in METHODS if m != "distillation-teacher" and m not in VARIANTS],
     "variants": list(VARIANTS),
@@ -266,7 +271,8 @@ def train_method(s: Setting, method: str, eps: float, train: Dataset, test: Data
     for note in notes:
         log.info("%s", note)
     cfg = TrainConfig(epochs=epochs, batch_size=s.batch_size, lr=s.lr, momentum=0.9, weight_decay=5e-4,
-                      schedule=schedule, seed=s.seed, device=s.device, checkpoint_every=25, eval_batch_size=500)
+                      schedule=schedule, seed=s.seed, device=s.device, checkpoint_every=25, eval_batch_size=500,
+                      **m.train)
     model = build_model(s, method, train)
     log.info("training %s%s on %d %s images, %d epochs, into %s", method, f" (eps {eps:g})" if m.adversarial else "",
              len(train), s.data, epochs, out)

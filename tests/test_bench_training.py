@@ -1,6 +1,8 @@
-"""benchmarks/training.py: method lists, run folders, and the tables it assembles (no training here)."""
+"""benchmarks/training.py: method lists, run folders, the tables it assembles, and one tiny training (the EMA row)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from conftest import benchmark_module
@@ -165,3 +167,17 @@ def test_suite_table_shows_what_each_attack_adds(bench):
     assert "mart" not in text   # not evaluated: no row
     rows[1]["eval"]["per_attack"] = {"apgd": 0.56}
     assert bench.suite_table(rows[1:]) == ""   # one attack: nothing to add to the main table
+
+
+def test_ema_row_trains_fast_at_with_the_weight_average(bench, tmp_path):
+    from bastion.data import load_dataset
+    m = bench.METHODS["fast-at-ema"]
+    assert m.objective == "fast-at" and m.train == {"ema_decay": 0.999}
+    assert ("fast-at-ema", None) in bench.parse_methods("variants")
+    assert ("fast-at-ema", None) not in bench.parse_methods("all")
+    train, test = load_dataset("digits", "train").take(64), load_dataset("digits", "test").take(32)
+    s = bench.Setting("digits", 64, 1, 32, 0.1, tmp_path, "cpu", 8, batch_size=32)
+    out = bench.train_method(s, "fast-at-ema", 0.1, train, test, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["ema_decay"] == 0.999 and config["objective"]["name"] == "fast-at"
+    assert "moving average" in json.loads((out / "report.json").read_text())["weights"]

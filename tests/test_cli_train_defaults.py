@@ -100,3 +100,13 @@ def test_help_mentions_the_paper_defaults(defense, capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert defense in out
+
+
+def test_ema_decay_option_makes_the_average_the_trained_model(tmp_path, capsys):
+    out, cfg, report = _train(tmp_path, "ema", "--epochs", "2", "--ema-decay", "0.9")
+    assert cfg["train"]["ema_decay"] == 0.9
+    assert report["weights"] == "exponential moving average (decay 0.9)"
+    _, cfg0, report0 = _train(tmp_path, "plain", "--epochs", "2")
+    assert cfg0["train"]["ema_decay"] == 0.0 and report0["weights"] == "last"
+    assert main(["train", *FAST, "--out", str(tmp_path / "bad"), "--ema-decay", "1.5"]) != 0
+    assert "`ema_decay` must be a number in [0, 1)" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from bastion.defenses.training import (
     TrainConfig,
     Trainer,
     TrainingDiverged,
+    WeightAverage,
     create_objective,
     make_schedule,
 )
@@ -164,7 +165,7 @@ def test_resume_of_a_run_written_before_an_option_existed(digits_ds, tmp_path):
     cfg = _cfg(epochs=2)
     Trainer(_model(tr), tr, te, cfg, run_dir=run, progress=False).fit()
     saved = json.loads((run / "config.json").read_text())
-    for key in ("amp", "channels_last"):
+    for key in ("amp", "channels_last", "ema_decay"):
         del saved["train"][key]
     del saved["objective"]["label_smoothing"]
     (run / "config.json").write_text(json.dumps(saved))
@@ -275,6 +276,7 @@ def test_schedules():
 @pytest.mark.parametrize("kwargs, match", [
     ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"optimizer": "rmsprop"}, "optimizer"),
     ({"schedule": "exp"}, "schedule"), ({"batch_size": 2.5}, "batch_size"), ({"augment": "mixup"}, "augment"),
+    ({"ema_decay": 1.0}, "ema_decay"), ({"ema_decay": -0.1}, "ema_decay"), ({"ema_decay": "0.99"}, "ema_decay"),
 ])
 def test_bad_train_config(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -384,3 +386,90 @@ def test_accuracy_counts_every_image_across_batches():
     acc, loss = accuracy(model, data, batch_size=7)
     assert acc == pytest.approx(float((data.labels == 0).float().mean())) and 0 < acc < 1
     assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(model(x), data.labels).detach()), rel=1e-5)
+
+
+def test_weight_average_matches_the_hand_computed_average():
+    """avg <- d_t·avg + (1 − d_t)·w with d_t = min(decay, (1 + t) / (10 + t)); integer buffers are copied."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.fill_(0.0)
+    avg = WeightAverage(model, decay=0.9)
+    expected = 0.0
+    for t, w in enumerate([1.0, 2.0, -3.0, 0.5] + [4.0] * 20, start=1):
+        with torch.no_grad():
+            model[0].weight.fill_(w)
+        model.train()(torch.randn(4, 1))  # moves the batch-norm statistics and its step counter
+        avg.update()
+        d = min(0.9, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * w
+        assert float(avg.shadow["0.weight"]) == pytest.approx(expected, rel=1e-6)
+    assert int(avg.shadow["1.num_batches_tracked"]) == 24   # copied, not averaged
+    assert float(avg.shadow["1.running_mean"]) != float(model[1].running_mean)  # averaged, not copied
+    with avg.swapped(model):
+        assert float(model[0].weight.detach()) == pytest.approx(expected, rel=1e-6)
+    assert float(model[0].weight.detach()) == 4.0   # the model's own weights come back
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(model, decay=1.0)
+
+
+def test_trainer_ema_is_the_average_of_the_trajectory_and_the_final_model(digits_ds, tmp_path):
+    """The run's model is the average of the weights after every optimizer step, computed here by hand;
+    the per-epoch test accuracy is the averaged model's; the trajectory itself is unchanged."""
+    tr, te = digits_ds
+
+    class Recording(type(create_objective("standard"))):  # folds each step's weights into a hand average
+        def __init__(self) -> None:
+            super().__init__()
+            self.avg: dict[str, torch.Tensor] | None = None
+            self.t = 0
+
+        def after_step(self, model):
+            w = _weights(model)
+            if self.avg is None:
+                self.avg = {k: v.clone() for k, v in self.init.items()}
+            self.t += 1
+            d = min(0.99, (1 + self.t) / (10 + self.t))
+            self.avg = {k: d * self.avg[k] + (1 - d) * w[k] for k in w}
+
+    raw = _model(tr)
+    Trainer(raw, tr, te, _cfg(epochs=2), progress=False).fit()
+    m = _model(tr)
+    rec = Recording()
+    rec.init = _weights(m)
+    report = Trainer(m, tr, te, _cfg(epochs=2, ema_decay=0.99), rec, run_dir=tmp_path / "run", progress=False).fit()
+    final = _weights(m)
+    assert all(torch.allclose(final[k], rec.avg[k], atol=1e-6) for k in final)
+    assert not all(torch.allclose(final[k], _weights(raw)[k], atol=1e-3) for k in final)  # not the last weights
+    assert "moving average" in report["weights"]
+    from bastion.defenses.training import accuracy
+    assert report["final"]["test_acc"] == pytest.approx(accuracy(m, te)[0])
+    again = load_model(tmp_path / "run")
+    assert torch.equal(again(te.images[:32]), m.eval()(te.images[:32]))
+
+
+def test_trainer_ema_resumes_bit_identically(digits_ds, tmp_path):
+    tr, te = digits_ds
+    ref = _model(tr)
+    Trainer(ref, tr, te, _cfg(ema_decay=0.95), progress=False).fit()
+
+    class Crash(type(create_objective("standard"))):
+        calls = 0
+
+        def loss(self, model, x, y):
+            type(self).calls += 1
+            if type(self).calls > 40:
+                raise KeyboardInterrupt
+            return super().loss(model, x, y)
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_model(tr), tr, te, _cfg(ema_decay=0.95, checkpoint_every=9), Crash(), run_dir=run,
+                progress=False).fit()
+    resumed = _model(tr)
+    Trainer(resumed, tr, te, _cfg(ema_decay=0.95, checkpoint_every=9), run_dir=run, resume=True, progress=False).fit()
+    a, b = _weights(ref), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RunExistsError, match="train configuration differs"):
+        Trainer(_model(tr), tr, te, _cfg(ema_decay=0.9, checkpoint_every=9), run_dir=run, resume=True,
+                progress=False).fit()

@@ -145,6 +145,9 @@ def _train_option_group(p: argparse.ArgumentParser) -> None:
                         "cyclic for fast-at; else onecycle)")
     g.add_argument("--warmup-epochs", type=float, default=0.0)
     g.add_argument("--augment", choices=AUGMENTS, default="none")
+    g.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
+                   help="keep an exponential moving average of the weights with decay D per step (e.g. 0.999) and "
+                        "make it the trained model (default 0: off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g = p.add_argument_group("run folder")
@@ -536,7 +539,8 @@ def run_training(args: argparse.Namespace, command: str) -> tuple[dict[str, Any]
     cfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                       momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
                       schedule=schedule, warmup_epochs=args.warmup_epochs, augment=args.augment,
-                      seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device)
+                      seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
+                      ema_decay=args.ema_decay)
     cli = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
     extra = {"command": command, "argv": list(getattr(args, "argv", sys.argv[1:])), "cli": cli,
              "adjustments": {"requested": {"epochs": args.epochs, "schedule": getattr(args, "schedule", None)},
@@ -570,7 +574,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         data="mnist-5k", data_root=None, download=False, train_limit=None, test_limit=None,
         model="cnn-small", model_opt=[], defense="standard", defense_opt=[], epochs=args.epochs, batch_size=64,
         optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
-        warmup_epochs=0.0, augment="crop", seed=args.seed, device=args.device,
+        warmup_epochs=0.0, augment="crop", ema_decay=0.0, seed=args.seed, device=args.device,
         out=str(fresh_run_dir(Path(args.out))), resume=False, checkpoint_every=0, progress=args.progress)
     t0 = time.perf_counter()
     report, out = run_training(ns, "demo")

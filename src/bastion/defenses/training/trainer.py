@@ -5,7 +5,8 @@ Run folder layout::
     config.json        the resolved configuration (written once, checked on resume)
     metrics.jsonl      one JSON line per finished epoch
     checkpoints/       ckpt-<step>.safetensors + .json (model, optimizer, RNG, loop position)
-    model.safetensors  final weights (+ model.json: architecture and metrics)
+    model.safetensors  final weights (+ model.json: architecture and metrics); the averaged
+                       weights when ``ema_decay`` is set
     report.json        what was trained, how long it took, the final numbers
 
 Exact resume: the data order of epoch ``e`` is a permutation drawn from a generator seeded with
@@ -73,6 +74,10 @@ class TrainConfig:
             included; for CUDA — on CPUs without bf16 units it is slower).
         channels_last: convert the model to the NHWC layout before training (faster
             convolutions on recent CPUs and GPUs; see `bastion.speed`).
+        ema_decay: keep an exponential moving average of the weights (Polyak averaging; see
+            `WeightAverage`) with this decay per optimizer step, e.g. 0.999 (0: off). The averaged
+            weights are what the per-epoch evaluation measures and what the run's final model is;
+            checkpoints carry both, so a resumed run continues both.
     """
 
     epochs: int = 10
@@ -92,6 +97,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"
     channels_last: bool = False
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         check_positive(self.epochs, "epochs", integer=True)
@@ -107,6 +113,9 @@ class TrainConfig:
         check_positive(self.keep_checkpoints, "keep_checkpoints", integer=True)
         check_positive(self.eval_batch_size, "eval_batch_size", integer=True)
         check_choice(self.amp, "amp", AMP_MODES)
+        if not isinstance(self.ema_decay, (int, float)) or isinstance(self.ema_decay, bool) \
+                or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"`ema_decay` must be a number in [0, 1) (0 turns the average off), got {self.ema_decay!r}")
         if not isinstance(self.channels_last, bool):
             raise TypeError(f"`channels_last` must be a bool, got {self.channels_last!r}")
         if not isinstance(self.seed, int):
@@ -258,6 +267,94 @@ def _make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights, updated after every optimizer step.
+
+    ``avg <- d·avg + (1 − d)·w`` over every floating-point entry of the state dict (parameters and
+    batch-norm statistics alike); integer entries (``num_batches_tracked``) are copied. The decay
+    of the ``t``-th update is ``min(decay, (1 + t) / (10 + t))``, so the first updates follow the
+    weights closely instead of keeping the random initialization for thousands of steps.
+
+    Averaging the weights along the trajectory raises both clean and robust accuracy of
+    adversarially trained models by smoothing the last, noisy steps: Gowal et al., "Uncovering
+    the Limits of Adversarial Training against Norm-Bounded Adversarial Examples" (2020), Sec. 4;
+    Izmailov et al., "Averaging Weights Leads to Wider Optima" (UAI 2018).
+
+    Args:
+        model: the trained model (its current weights start the average).
+        decay: the average's decay per update, in (0, 1).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"`decay` must be in (0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.updates = 0
+        self.reset(model)
+
+    def reset(self, model: nn.Module) -> None:
+        """Restart the average at `model`'s current weights (keeping the update count)."""
+        live = model.state_dict()
+        self.shadow = {k: v.detach().clone() for k, v in live.items()}
+        self._pairs(model)
+
+    def _pairs(self, model: nn.Module) -> None:
+        live = model.state_dict()
+        if live.keys() != self.shadow.keys():
+            raise ValueError("the model's weights do not match the average's (a different architecture?)")
+        floats = [k for k, v in live.items() if v.is_floating_point()]
+        self._avg = [self.shadow[k] for k in floats]
+        self._live = [live[k] for k in floats]
+        self._copy = [(self.shadow[k], v) for k, v in live.items() if not v.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the model's current weights into the average."""
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self._avg, [w.detach() for w in self._live], 1.0 - d)
+        for avg, w in self._copy:
+            avg.copy_(w)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into `model` (the model the average follows stays tracked)."""
+        for k, v in model.state_dict().items():
+            v.copy_(self.shadow[k])
+
+    def swapped(self, model: nn.Module) -> "_Swapped":
+        """A context in which `model` holds the averaged weights; its own come back on exit."""
+        return _Swapped(self, model)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**{f"w.{k}": v for k, v in self.shadow.items()},
+                "updates": torch.tensor(self.updates, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing = [k for k in self.shadow if f"w.{k}" not in state]
+        if missing or "updates" not in state:
+            raise ValueError(f"the saved weight average lacks {missing[:3] or ['updates']}")
+        with torch.no_grad():
+            for k, v in self.shadow.items():
+                v.copy_(state[f"w.{k}"])
+        self.updates = int(state["updates"])
+
+
+class _Swapped:
+    def __init__(self, average: WeightAverage, model: nn.Module) -> None:
+        self.average, self.model = average, model
+
+    def __enter__(self) -> nn.Module:
+        self.saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.average.copy_to(self.model)
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                v.copy_(self.saved[k])
+
+
 @dataclass
 class _LoopState:
     """Where the loop is: saved in every checkpoint's JSON."""
@@ -305,6 +402,7 @@ class Trainer:
         self.extra_config = extra_config or {}
         self.steps_per_epoch = math.ceil(len(train) / self.cfg.batch_size)
         self.total_steps = self.steps_per_epoch * self.cfg.epochs
+        self.average: WeightAverage | None = None  # set by `fit` when `ema_decay` is
 
     # ------------------------------------------------------------------ run folder
     def full_config(self) -> dict[str, Any]:
@@ -360,8 +458,10 @@ class Trainer:
             D.barrier()
             return
         stem = self.run_dir / "checkpoints" / f"ckpt-{st.step:09d}"
-        save_checkpoint(stem, self.model, optimizer=opt, state=asdict(st),
-                        extra_tensors={f"objective.{k}": v for k, v in self.objective.state_dict().items()})
+        extra = {f"objective.{k}": v for k, v in self.objective.state_dict().items()}
+        if self.average is not None:
+            extra.update({f"ema.{k}": v for k, v in self.average.state_dict().items()})
+        save_checkpoint(stem, self.model, optimizer=opt, state=asdict(st), extra_tensors=extra)
         for old in self.checkpoints()[:-self.cfg.keep_checkpoints]:
             old.with_suffix(".json").unlink(missing_ok=True)  # JSON first: the pair is then incomplete
             old.with_suffix(".safetensors").unlink(missing_ok=True)
@@ -396,6 +496,7 @@ class Trainer:
         if not params:
             raise ValueError("`model` has no trainable parameters")
         opt = _make_optimizer(cfg, params)
+        self.average = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         lr_at = make_schedule(cfg.schedule, cfg.lr, self.total_steps, int(cfg.warmup_epochs * self.steps_per_epoch))
         st = _LoopState()
         ckpts = self.checkpoints()
@@ -406,6 +507,9 @@ class Trainer:
             prefix = "extra.objective."
             self.objective.load_state_dict({k[len(prefix):]: v.to(self.device) for k, v in tensors.items()
                                             if k.startswith(prefix)})
+            if self.average is not None:
+                self.average.load_state_dict({k[len("extra.ema."):]: v.to(self.device) for k, v in tensors.items()
+                                              if k.startswith("extra.ema.")})
             log.info("resumed %s at epoch %d, batch %d (step %d)", ckpts[-1], st.epoch + 1, st.batch, st.step)
         elif self.resume and self.run_dir is not None:
             log.info("no checkpoint in %s yet: starting from scratch", self.run_dir)
@@ -444,6 +548,8 @@ class Trainer:
                     D.all_reduce_gradients(params, len(y) / share)
                     opt.step()
                     self.objective.after_step(self.model)
+                    if self.average is not None:
+                        self.average.update()
                 stats = [float(loss.detach()) * len(y), float((logits.detach().argmax(1) == y).sum()), float(len(y))]
                 if world_size > 1:
                     stats = D.all_reduce_sum(stats, self.device)
@@ -464,7 +570,12 @@ class Trainer:
                                    "train_loss": st.loss_sum / max(1, st.seen),
                                    "train_acc": st.correct / max(1, st.seen), "time_s": round(st.elapsed, 3)}
             if self.test is not None:
-                row["test_acc"], row["test_loss"] = accuracy(self.model, self.test, cfg.eval_batch_size, self.device)
+                if self.average is not None:  # the averaged weights are the run's model
+                    with self.average.swapped(self.model):
+                        row["test_acc"], row["test_loss"] = accuracy(self.model, self.test, cfg.eval_batch_size,
+                                                                     self.device)
+                else:
+                    row["test_acc"], row["test_loss"] = accuracy(self.model, self.test, cfg.eval_batch_size, self.device)
             stop: StopTraining | None = None
             try:
                 row.update(self.objective.on_epoch_end(self.model, st.epoch + 1))
@@ -481,6 +592,9 @@ class Trainer:
                 log.warning("training stopped after epoch %d: %s", st.epoch, stop.reason)
                 if stop.restore is not None:
                     self.model.load_state_dict(stop.restore)
+                    if self.average is not None:  # the restored epoch's weights are the model, not an average past them
+                        log.warning("the weight average restarts at the restored weights")
+                        self.average.reset(self.model)
                 st.stopped = stop.reason
                 st.epoch = cfg.epochs  # a resumed run must not continue past the stop
                 self._save(opt, st)
@@ -490,8 +604,11 @@ class Trainer:
 
     def _finish(self, st: _LoopState) -> dict[str, Any]:
         last = st.history[-1] if st.history else {}
+        if self.average is not None:
+            self.average.copy_to(self.model)
         report = {"kind": "train", "epochs": len(st.history), "steps": st.step, "train_time_s": round(st.elapsed, 3),
                   "world_size": D.world()[1],
+                  "weights": f"exponential moving average (decay {self.cfg.ema_decay:g})" if self.average else "last",
                   "stopped": st.stopped, "final": last, "config": self.full_config()}
         if self.run_dir is not None and D.is_main():
             spec = getattr(self.model, "spec", None)
