@@ -112,7 +112,6 @@ class Method:
         teacher: a method whose trained model is this one's distillation teacher.
         note: shown under the table.
         eps_options: options that depend on the training eps (called with it).
-        train: `TrainConfig` options of this row beyond the setting's (e.g. ``ema_decay``).
     """
 
     objective: str
@@ -123,7 +122,6 @@ class Method:
     teacher: str | None = None
     note: str = ""
     eps_options: Callable[[float], dict[str, Any]] | None = None
-    train: dict[str, Any] = field(default_factory=dict)
 
     def options_at(self, eps: float) -> dict[str, Any]:
         """The objective's options for training at `eps`."""
@@ -157,9 +155,6 @@ METHODS: dict[str, Method] = {
     "fast-at-0.8eps": Method("fast-at", adversarial=True, eps_options=lambda eps: {"eps": 0.8 * eps},
                              note="Fast AT trained at 0.8·eps (0.08 at eps 0.1), attacked at eps: a smaller training "
                                   "ball buys clean accuracy with robustness at the evaluated eps"),
-    "fast-at-ema": Method("fast-at", adversarial=True, train={"ema_decay": 0.999},
-                          note="Fast AT whose model is the moving average of its weights (decay 0.999 per step; "
-                               "Gowal et al. 2020): clean and robust accuracy of the smoothed trajectory"),
     "fast-at-0.7eps": Method("fast-at", adversarial=True, eps_options=lambda eps: {"eps": 0.7 * eps},
                              note="as fast-at-0.8eps, trained at 0.7·eps"),
     "free-at": Method("free-at", {"replays": 8}, adversarial=True,
@@ -185,7 +180,7 @@ METHODS: dict[str, Method] = {
 }
 # Variants of the issue's methods tried for the clean half of the target (not in "all": its table is
 # the issue's methods, one row each, and every variant is another full training).
-VARIANTS = ("fast-at-mixed", "fast-at-mixed-a0.2", "fast-at-0.8eps", "fast-at-0.7eps", "trades-b1", "fast-at-ema")
+VARIANTS = ("fast-at-mixed", "fast-at-mixed-a0.2", "fast-at-0.8eps", "fast-at-0.7eps", "trades-b1")
 GROUPS = {
     "all": [m for m in METHODS if m != "distillation-teacher" and m not in VARIANTS],
     "variants": list(VARIANTS),
@@ -226,10 +221,12 @@ class Setting:
     seed: int = 0
     cost_n: int = 512
     arch: str = ARCH
+    ema_decay: float = 0.0
 
     def tag(self) -> str:
         extra = (f"-b{self.batch_size}" if self.batch_size != 128 else "") + (f"-lr{self.lr:g}" if self.lr != 0.05 else "")
         extra += f"-{self.arch}" if self.arch != ARCH else ""
+        extra += f"-ema{self.ema_decay:g}" if self.ema_decay else ""
         return f"n{self.train_n or 'all'}-e{self.epochs}{extra}"
 
 
@@ -272,7 +269,7 @@ def train_method(s: Setting, method: str, eps: float, train: Dataset, test: Data
         log.info("%s", note)
     cfg = TrainConfig(epochs=epochs, batch_size=s.batch_size, lr=s.lr, momentum=0.9, weight_decay=5e-4,
                       schedule=schedule, seed=s.seed, device=s.device, checkpoint_every=25, eval_batch_size=500,
-                      **m.train)
+                      ema_decay=s.ema_decay)
     model = build_model(s, method, train)
     log.info("training %s%s on %d %s images, %d epochs, into %s", method, f" (eps {eps:g})" if m.adversarial else "",
              len(train), s.data, epochs, out)
@@ -775,6 +772,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10, help="epoch budget per method (free-at: ceil(epochs/8))")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="every row's model is the moving average of its weights with this decay per step "
+                        "(TrainConfig.ema_decay; 0: off); run folders then carry -emaD")
     p.add_argument("--eval-n", type=int, default=1000, help="test images, spread evenly over the test split")
     p.add_argument("--suite", choices=tuple(SUITES), default="standard",
                    help="robust-accuracy suite: the standard preset, or APGD-CE-100 alone (an upper bound of it, "
@@ -828,7 +828,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(cost_table(res, args.epochs))
     else:
         s = Setting(args.data, args.train_n, args.epochs, args.eval_n, args.eps, args.root, args.device, args.eot,
-                    args.suite, args.batch_size, args.lr, cost_n=args.cost_n, arch=args.arch)
+                    args.suite, args.batch_size, args.lr, cost_n=args.cost_n, arch=args.arch, ema_decay=args.ema_decay)
         methods = parse_methods(args.methods)
         train = load_dataset(args.data, "train").take(args.train_n)
         test_all = load_dataset(args.data, "test")
