@@ -278,7 +278,9 @@ class WeightAverage:
     Averaging the weights along the trajectory raises both clean and robust accuracy of
     adversarially trained models by smoothing the last, noisy steps: Gowal et al., "Uncovering
     the Limits of Adversarial Training against Norm-Bounded Adversarial Examples" (2020), Sec. 4;
-    Izmailov et al., "Averaging Weights Leads to Wider Optima" (UAI 2018).
+    Izmailov et al., "Averaging Weights Leads to Wider Optima" (UAI 2018). Under a schedule that
+    anneals the learning rate to zero (``onecycle``, ``cyclic``) the last weights and the average
+    end close together: on Fashion-MNIST FGSM-AT it changed nothing measurable (docs/results.md).
 
     Args:
         model: the trained model (its current weights start the average).
@@ -296,12 +298,6 @@ class WeightAverage:
         """Restart the average at `model`'s current weights (keeping the update count)."""
         live = model.state_dict()
         self.shadow = {k: v.detach().clone() for k, v in live.items()}
-        self._pairs(model)
-
-    def _pairs(self, model: nn.Module) -> None:
-        live = model.state_dict()
-        if live.keys() != self.shadow.keys():
-            raise ValueError("the model's weights do not match the average's (a different architecture?)")
         floats = [k for k, v in live.items() if v.is_floating_point()]
         self._avg = [self.shadow[k] for k in floats]
         self._live = [live[k] for k in floats]
