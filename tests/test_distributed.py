@@ -173,3 +173,18 @@ def test_cli_audit_under_torchrun_equals_one_process(tmp_path):
     assert len(a["runs"]) >= 4 and 0.0 < a["clean"]  # a real audit, not two empty ones
     assert json.loads((tmp_path / "two" / "report.json").read_text())["config"]["processes"] == 2
     assert out.count("wrote ") == 1  # only rank 0 printed and wrote
+
+
+def test_shutdown_leaves_the_process_group(tmp_path):
+    """`bastion.distributed.shutdown` destroys an initialized group (a gloo group left to the
+    interpreter's exit could abort the process after its work was done) and is a no-op outside one."""
+    import torch.distributed as dist
+
+    from bastion import distributed as D
+
+    D.shutdown()  # no group: nothing to do, no error
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    D.shutdown()
+    assert not dist.is_initialized()
+    assert D.world() == (0, 1)

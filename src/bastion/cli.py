@@ -1727,6 +1727,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(e) if not isinstance(e, KeyError) or not e.args else str(e.args[0])
         print(f"bastion {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        from . import distributed as D
+
+        D.shutdown()  # under torchrun: leave the process group before the interpreter exits
 
 
 if __name__ == "__main__":  # pragma: no cover

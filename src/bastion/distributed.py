@@ -38,6 +38,18 @@ def init_from_env() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown() -> None:
+    """Leave the process group (a no-op outside one).
+
+    Tears the group down explicitly: a gloo group left to the interpreter's exit can be destroyed
+    while its worker threads still run, and the process then aborts ("terminate called without an
+    active exception") after its work is done. No barrier here: the commands end with one, and a
+    rank leaving on an error must not wait for ranks that will never arrive (torchrun stops them).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of the current process group, (0, 1) outside one."""
     if dist.is_available() and dist.is_initialized():
