@@ -188,3 +188,17 @@ def test_shutdown_leaves_the_process_group(tmp_path):
     D.shutdown()
     assert not dist.is_initialized()
     assert D.world() == (0, 1)
+
+
+def test_cli_main_keeps_a_callers_process_group(tmp_path):
+    """`bastion.cli.main` tears down only the group its command joined: a caller's own group survives it."""
+    import torch.distributed as dist
+
+    from bastion.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["-q", "list"]) == 0
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

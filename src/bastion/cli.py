@@ -1720,6 +1720,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from . import distributed as D
+
+    had_group = D.in_group()  # a caller's own process group is the caller's to destroy
     try:
         return COMMANDS[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, KeyError,
@@ -1728,9 +1731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bastion {args.command}: error: {msg}", file=sys.stderr)
         return 2
     finally:
-        from . import distributed as D
-
-        D.shutdown()  # under torchrun: leave the process group before the interpreter exits
+        if not had_group:  # under torchrun: leave the group the command joined before the interpreter exits
+            D.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

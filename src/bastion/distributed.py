@@ -38,6 +38,11 @@ def init_from_env() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def in_group() -> bool:
+    """Whether this process is in an initialized process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def shutdown() -> None:
     """Leave the process group (a no-op outside one).
 
@@ -46,7 +51,7 @@ def shutdown() -> None:
     active exception") after its work is done. No barrier here: the commands end with one, and a
     rank leaving on an error must not wait for ranks that will never arrive (torchrun stops them).
     """
-    if dist.is_available() and dist.is_initialized():
+    if in_group():
         dist.destroy_process_group()
 
 
