@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 def init_from_env() -> tuple[int, int]:
     """Initialize the process group from torchrun's variables if needed; return (rank, world size)."""
-    if dist.is_available() and dist.is_initialized():
+    if in_group():
         return dist.get_rank(), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or not dist.is_available():
@@ -57,7 +57,7 @@ def shutdown() -> None:
 
 def world() -> tuple[int, int]:
     """(rank, world size) of the current process group, (0, 1) outside one."""
-    if dist.is_available() and dist.is_initialized():
+    if in_group():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
