@@ -159,10 +159,16 @@ def test_batch_then_slice_equals_slice(name, norm, digits_model, batch):
     full, _ = run_cached(name, norm, digits_model, x, y)
     part = make(name)(digits_model, x[5:13], y[5:13], threat_for(name, norm), seed=0)
     assert torch.equal(full.success[5:13], part.success)
-    # Quasi-Newton solvers (L-BFGS) amplify the last-bit differences between a batched and a
-    # sliced matmul over their iterations; the decisions above must agree exactly regardless.
-    atol = 1e-4 if name == "lbfgs" else 1e-5
-    assert torch.allclose(full.x_adv[5:13], part.x_adv, atol=atol)
+    if name == "lbfgs":
+        # L-BFGS solves each row alone, but the model's batched and sliced matmuls differ in the
+        # last bits, and the solver's line search and ftol stop turn that into a different last
+        # step along a flat valley of its objective: on one CPU a pixel moved by 1.4e-3 while
+        # the perturbation's L2 norm agreed to 6e-5. The decisions (above) and the size of the
+        # perturbation, what a minimum-norm attack reports, must agree; the points within 1e-2.
+        torch.testing.assert_close(full.norms["l2"][5:13], part.norms["l2"], rtol=1e-3, atol=1e-5)
+        assert torch.allclose(full.x_adv[5:13], part.x_adv, atol=1e-2)
+    else:
+        assert torch.allclose(full.x_adv[5:13], part.x_adv, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,norm", TARGETED)
